@@ -1,0 +1,65 @@
+"""NVFP4: E2M1 elements, one E4M3 (float8_e4m3fn) scale per 16 elements along K,
+and an fp32 global scale g per matrix: x = code * s_e4m3 * g.
+
+Global scale (the usual choice): g = amax / (6 * 448), so the largest block
+scale is 448, E4M3's largest finite value. Block scales round UP to the next
+E4M3 value so that no element clips.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._fp4 import E2M1_MAX, e2m1_decode, e2m1_encode, pack_nibbles, unpack_nibbles
+
+NAME = "nvfp4"
+BLOCK = 16
+SCALE_DTYPE = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+
+
+def global_scale_for(amax: torch.Tensor) -> torch.Tensor:
+    """fp32 g = amax / (6 * 448) per matrix; 1.0 where amax is 0 (an all-zero matrix)."""
+    amax = amax.float()
+    return torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
+
+
+def _e4m3_round_up(s: torch.Tensor) -> torch.Tensor:
+    """Smallest float8_e4m3fn value >= s for s in [0, 448] (fp32 in, e4m3 out)."""
+    q = s.to(torch.float8_e4m3fn)  # nearest
+    low = q.float() < s
+    # the next representable value up: bump the byte (positive e4m3 bytes are monotonic)
+    bumped = (q.view(torch.uint8) + 1).view(torch.float8_e4m3fn)
+    return torch.where(low, bumped, q)
+
+
+def quantize(x: torch.Tensor, global_scale: torch.Tensor | None = None):
+    """x: [..., N, K] float (K % 16 == 0).
+
+    Returns (data [..., K/2] uint8, scales [..., K/16] float8_e4m3fn,
+    global_scale fp32 of shape x.shape[:-2] (one per matrix; a 0-d tensor for 1-D or 2-D x)).
+    """
+    xf = x.float()
+    lead = x.shape[:-2]
+    if global_scale is None:
+        amax = xf.abs().reshape(*lead, -1).amax(dim=-1) if x.dim() >= 2 else xf.abs().amax()
+        global_scale = global_scale_for(amax)
+    g = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device).reshape(lead)
+    g_b = g.reshape(*lead, 1, 1, 1) if x.dim() >= 2 else g.reshape(1, 1)
+    blocks = xf.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+    amax_b = blocks.abs().amax(dim=-1, keepdim=True)
+    s = _e4m3_round_up((amax_b / (E2M1_MAX * g_b)).clamp(0, E4M3_MAX))
+    denom = s.float() * g_b
+    a = torch.where(denom > 0, blocks / torch.where(denom > 0, denom, 1.0), torch.zeros_like(blocks))
+    codes = e2m1_encode(a.clamp(-E2M1_MAX, E2M1_MAX)).reshape(x.shape)
+    return pack_nibbles(codes), s.squeeze(-1), g
+
+
+def dequantize(data: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """data [..., N, K/2] uint8, scales [..., N, K/16] e4m3, global_scale [...] fp32 -> float32 [..., N, K]."""
+    vals = e2m1_decode(unpack_nibbles(data))
+    K = vals.shape[-1]
+    g = global_scale.float()
+    g = g.reshape(*g.shape, 1, 1, 1) if data.dim() >= 2 else g.reshape(1, 1)
+    vals = vals.reshape(*vals.shape[:-1], K // BLOCK, BLOCK) * (scales.float().unsqueeze(-1) * g)
+    return vals.reshape(*vals.shape[:-2], K)

@@ -1,0 +1,149 @@
+"""The public MoE object: one spec, one set of canonical weights, any backend."""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import get_backend
+from .dispatch import make_plan
+from .routing import route
+from .spec import MoESpec
+from .weights import ExpertWeights
+
+_X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class MoE:
+    """A quantized MoE layer's experts.
+
+    moe = qmoe.MoE(spec, weights, backend="auto")
+    out = moe(x, router_logits)                          # routes, then computes
+    out = moe.experts(x, topk_ids, topk_weights, out=buf) # from given routing, into buf
+
+    backend: "auto" (choose per token count from the tuning table, else static rules)
+             or a backend name ("reference", "triton", "flashinfer_cutlass", ...).
+    check_ids: validate that expert ids lie in [-1, E) (one host sync per call; skipped
+             automatically while a CUDA graph is being captured).
+    max_layout_bytes: for "auto", the memory budget for keeping a second prepared layout
+             (a decode winner and a prefill winner); None for the default.
+    """
+
+    def __init__(self, spec: MoESpec, weights: ExpertWeights, backend: str = "auto", *,
+                 check_ids: bool = True, max_layout_bytes: int | None = None):
+        if not isinstance(spec, MoESpec):
+            raise ValueError(f"spec: expected a MoESpec, got {type(spec).__name__}")
+        if not isinstance(weights, ExpertWeights):
+            raise ValueError(f"weights: expected an ExpertWeights, got {type(weights).__name__}")
+        want = (spec.num_experts, spec.hidden_size, spec.intermediate_size)
+        got = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
+        if want != got:
+            raise ValueError(f"weights: expected (num_experts, hidden_size, intermediate_size) = {want} "
+                             f"from the spec, got {got}")
+        self.spec = spec
+        self.weights = weights
+        self.check_ids = check_ids
+        self.plan = make_plan(spec, weights, backend, max_layout_bytes=max_layout_bytes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.device
+
+    def backend_for(self, num_tokens: int) -> str:
+        """The backend name that runs a call with this many tokens."""
+        return self.plan.backend_for(num_tokens)
+
+    def explain(self, num_tokens: int) -> str:
+        """Which backend runs at this token count, and why."""
+        return self.plan.explain(num_tokens)
+
+    def __call__(self, x: torch.Tensor, router_logits: torch.Tensor,
+                 correction_bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+                 shared_output: torch.Tensor | None = None) -> torch.Tensor:
+        """Route and compute.
+
+        x: [M, H] bf16 (fp16, fp32 accepted); router_logits: [M, E] float;
+        correction_bias: [E] float or None (sigmoid_grouped / sqrt_softplus routing);
+        out: [M, H] of x's dtype or None; shared_output: [M, H] or None, added to the result.
+        Returns out: [M, H] in x's dtype.
+        """
+        self._check_x(x)
+        if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2 \
+                or router_logits.shape[0] != x.shape[0]:
+            got = list(router_logits.shape) if isinstance(router_logits, torch.Tensor) else type(router_logits).__name__
+            raise ValueError(f"router_logits: expected shape [{x.shape[0]}, {self.spec.num_experts}], got {got}")
+        self._check_device("router_logits", router_logits)
+        topk_ids, topk_weights = route(self.spec, router_logits, correction_bias)
+        return self.experts(x, topk_ids, topk_weights, out=out, shared_output=shared_output)
+
+    def experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                out: torch.Tensor | None = None, *, shared_output: torch.Tensor | None = None) -> torch.Tensor:
+        """Compute the experts from given routing.
+
+        x: [M, H] bf16 (fp16, fp32 accepted)
+        topk_ids: [M, k] int32 or int64, values in [-1, E); -1 contributes nothing
+        topk_weights: [M, k] float32 (fp16/bf16 accepted)
+        out: [M, H] of x's dtype, or None; when given, the result is written into this very
+             tensor and it is returned
+        shared_output: [M, H] float or None; added to the result (shared experts)
+        """
+        self._check_x(x)
+        M, k = x.shape[0], self.spec.top_k
+        for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (M, k):
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name}: expected shape [{M}, {k}], got {got}")
+            self._check_device(name, t)
+        if topk_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"topk_ids: expected int32 or int64, got {topk_ids.dtype}")
+        if not topk_weights.is_floating_point():
+            raise ValueError(f"topk_weights: expected a float tensor, got {topk_weights.dtype}")
+        if self.check_ids and M and not _capturing(x.device):
+            lo, hi = int(topk_ids.min()), int(topk_ids.max())
+            if lo < -1 or hi >= self.spec.num_experts:
+                raise ValueError(f"topk_ids: expected values in [-1, {self.spec.num_experts}), "
+                                 f"got values in [{lo}, {hi}]")
+        if out is None:
+            out = torch.empty(M, self.spec.hidden_size, dtype=x.dtype, device=x.device)
+        else:
+            self._check_out("out", out, x.dtype, M)
+        if shared_output is not None:
+            self._check_out("shared_output", shared_output, None, M)
+        if M == 0:
+            return out
+        name = self.plan.backend_for(M)
+        topk_ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
+        topk_weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
+        get_backend(name).forward(self.plan.prepared[name], x.contiguous(), topk_ids.contiguous(),
+                                  topk_weights.contiguous(), out, shared_output)
+        return out
+
+    # --- validation ---------------------------------------------------------------------------
+    def _check_device(self, name, t):
+        if t.device != self.device:
+            raise ValueError(f"{name}: expected device {self.device} (where the weights are), got {t.device}")
+
+    def _check_x(self, x):
+        H = self.spec.hidden_size
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != H:
+            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected shape [M, {H}], got {got}")
+        if x.dtype not in _X_DTYPES:
+            raise ValueError(f"x: expected dtype bfloat16, float16 or float32, got {x.dtype}")
+        self._check_device("x", x)
+
+    def _check_out(self, name, t, dtype, M):
+        H = self.spec.hidden_size
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (M, H):
+            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected shape [{M}, {H}], got {got}")
+        if dtype is not None and t.dtype != dtype:
+            raise ValueError(f"{name}: expected dtype {dtype} (x's dtype), got {t.dtype}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: expected a float tensor, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor")
+        self._check_device(name, t)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
