@@ -13,6 +13,7 @@ codes per byte, low nibble = even element.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -60,9 +61,14 @@ class QuantizedTensor:
     def __post_init__(self):
         mod = _module(self.format)
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if not self.shape or self.shape[-1] % mod.BLOCK:
+            raise ValueError(f"shape: expected [..., K] with K a multiple of {mod.BLOCK} for {self.format}, "
+                             f"got {list(self.shape)}")
         lead, K = self.shape[:-1], self.shape[-1]
         if self.format == "bf16":
             _expect_tensor("data", self.data, self.shape, torch.bfloat16)
+            if self.scales is not None or self.global_scale is not None:
+                raise ValueError("scales: expected None for bf16 (unquantized), got a tensor")
             return
         _expect_tensor("data", self.data, (*lead, K // 2), torch.uint8)
         _expect_tensor("scales", self.scales, (*lead, K // mod.BLOCK), mod.SCALE_DTYPE)
@@ -70,6 +76,10 @@ class QuantizedTensor:
             _expect_tensor("global_scale", self.global_scale, tuple(self.shape[:-2]), torch.float32)
         elif self.global_scale is not None:
             raise ValueError(f"global_scale: expected None for {self.format}, got a tensor")
+        for name in ("scales", "global_scale"):
+            t = getattr(self, name)
+            if t is not None and t.device != self.data.device:
+                raise ValueError(f"{name}: expected device {self.data.device} (where data is), got {t.device}")
 
     @property
     def device(self) -> torch.device:
@@ -94,8 +104,12 @@ class QuantizedTensor:
         if len(self.shape) < 3:
             raise IndexError("QuantizedTensor: only tensors of 3 or more dimensions can be indexed "
                              "(the last two are the quantized matrix)")
-        if not isinstance(index, (int, slice)):
-            raise IndexError(f"QuantizedTensor: index with an int or a slice, got {type(index).__name__}")
+        if not isinstance(index, slice):
+            try:
+                index = operator.index(index)  # int, numpy int, 0-d integer tensor
+            except TypeError:
+                raise IndexError(f"QuantizedTensor: index with an int or a slice, "
+                                 f"got {type(index).__name__}") from None
         data = self.data[index]
         scales = None if self.scales is None else self.scales[index]
         gs = None if self.global_scale is None else self.global_scale[index]

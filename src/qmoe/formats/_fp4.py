@@ -26,7 +26,9 @@ def e2m1_encode(a: torch.Tensor) -> torch.Tensor:
 
     a: any float tensor, already divided by its block scale; |a| > 6 saturates
     to 6 (callers choose scales so that this never happens).
-    Returns uint8 codes 0..15 of the same shape.
+    Returns uint8 codes 0..15 of the same shape. The sign is kept as IEEE rounding
+    keeps it: -0.0 and negatives that round to zero give code 8 (-0), so every
+    code re-encodes to itself.
     """
     mag = a.abs()
     code = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
@@ -35,7 +37,7 @@ def e2m1_encode(a: torch.Tensor) -> torch.Tensor:
         if i % 2 == 1:  # the code above is even: the tie goes up
             up = up | (mag == t)
         code += up.to(torch.uint8)
-    sign = (torch.signbit(a) & (code > 0)).to(torch.uint8) << 3
+    sign = torch.signbit(a).to(torch.uint8) << 3
     return code | sign
 
 

@@ -42,13 +42,20 @@ def quantize(x: torch.Tensor, global_scale: torch.Tensor | None = None):
     xf = x.float()
     lead = x.shape[:-2]
     if global_scale is None:
-        amax = xf.abs().reshape(*lead, -1).amax(dim=-1) if x.dim() >= 2 else xf.abs().amax()
+        # Inf/NaN elements must not set the scale of the whole matrix: their blocks get a NaN
+        # scale below, and the finite blocks keep the global scale they would have had.
+        finite = torch.where(torch.isfinite(xf), xf.abs(), torch.zeros_like(xf))
+        amax = torch.zeros(lead, dtype=torch.float32, device=x.device)
+        if finite.numel():
+            amax = finite.reshape(*lead, -1).amax(dim=-1) if x.dim() >= 2 else finite.amax()
         global_scale = global_scale_for(amax)
     g = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device).reshape(lead)
     g_b = g.reshape(*lead, 1, 1, 1) if x.dim() >= 2 else g.reshape(1, 1)
     blocks = xf.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
     amax_b = blocks.abs().amax(dim=-1, keepdim=True)
     s = _e4m3_round_up((amax_b / (E2M1_MAX * g_b)).clamp(0, E4M3_MAX))
+    # a block holding Inf or NaN dequantizes to NaN, as mxfp4's 0xFF scale does
+    s = torch.where(torch.isfinite(amax_b), s, torch.full_like(s, float("nan")))
     denom = s.float() * g_b
     a = torch.where(denom > 0, blocks / torch.where(denom > 0, denom, 1.0), torch.zeros_like(blocks))
     codes = e2m1_encode(a.clamp(-E2M1_MAX, E2M1_MAX)).reshape(x.shape)

@@ -1,0 +1,40 @@
+"""Shared test helpers: small specs and random canonical weights."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import qmoe
+
+
+def small_spec(E=4, k=2, H=64, I=32, *, bias=True, activation=None, routing=None) -> qmoe.MoESpec:
+    """A GPT-OSS-like spec scaled down to run in milliseconds on a CPU."""
+    spec = qmoe.MoESpec(E, k, H, I, qmoe.SwiGLU(alpha=1.702, beta=1.0, limit=7.0), bias=bias, name="small")
+    if activation is not None:
+        spec = dataclasses.replace(spec, activation=activation)
+    if routing is not None:
+        spec = dataclasses.replace(spec, routing=routing)
+    return spec
+
+
+def random_weights(spec: qmoe.MoESpec, fmt="mxfp4", seed=0, bias=None) -> qmoe.ExpertWeights:
+    """Random float weights (std 1/sqrt(K), so activations keep unit scale) quantized to fmt."""
+    g = torch.Generator().manual_seed(seed)
+    E, H, I = spec.num_experts, spec.hidden_size, spec.intermediate_size
+    w13 = torch.randn(E, 2 * I, H, generator=g) / H ** 0.5
+    w2 = torch.randn(E, H, I, generator=g) / I ** 0.5
+    bias = spec.bias if bias is None else bias
+    b13 = torch.randn(E, 2 * I, generator=g) if bias else None
+    b2 = torch.randn(E, H, generator=g) if bias else None
+    return qmoe.ExpertWeights.from_float(w13, w2, fmt, b13, b2)
+
+
+@pytest.fixture
+def spec():
+    return small_spec()
+
+
+@pytest.fixture
+def weights(spec):
+    return random_weights(spec)
