@@ -1,0 +1,320 @@
+"""`qmoe demo`: the main job on an embedded default.
+
+One MoE layer's experts, with weights quantized from random float weights, run on every
+usable backend on the same inputs; a table of the relative error against a float64
+computation on the dequantized weights, and the time per call.
+
+With a GPU: a real gpt-oss-120b layer (128 experts, H = I = 2880). Without one: the same
+layer scaled down (8 experts, H = I = 256) so it runs in seconds on a CPU, with the
+triton backend under Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+from .formats import FORMATS, QuantizedTensor, quantize
+from .spec import MoESpec, presets
+from .weights import ExpertWeights
+
+DEFAULT_PRESET = "gpt-oss-120b"
+CPU_SIZE = 256
+"""hidden_size and intermediate_size of the scaled-down layer on CPU."""
+TOLERANCE = 1e-2
+"""Relative error a backend must stay within (4-bit weights are exact after dequantization;
+what remains is bf16 rounding of activations and outputs and fp32 accumulation)."""
+WEIGHT_STD = 0.02
+"""Std of the random float weights and biases (the usual initialization scale)."""
+
+
+def scaled_down(spec: MoESpec) -> MoESpec:
+    """The spec at CPU size: H = I = 256 and a few experts, same top_k, activation and routing.
+
+    Keeps whole routing groups, and enough experts in the kept groups to choose top_k from.
+    """
+    r = spec.routing
+    num_experts = max(8, 2 * spec.top_k)
+    num_experts = -(-num_experts // r.n_group) * r.n_group
+    while r.topk_group * (num_experts // r.n_group) < spec.top_k:
+        num_experts += r.n_group
+    return replace(spec, num_experts=min(num_experts, spec.num_experts),
+                   hidden_size=min(CPU_SIZE, spec.hidden_size),
+                   intermediate_size=min(CPU_SIZE, spec.intermediate_size))
+
+
+def _quantize_experts(shape, fmt, device, generator, on_expert):
+    """A [E, N, K] QuantizedTensor of random N(0, WEIGHT_STD) weights, made one expert at a
+    time so only one expert's float weights exist at once (gpt-oss-120b's w13 in fp32 would
+    be 8.5 GB)."""
+    E, N, K = shape
+    data = scales = gs = None
+    for e in range(E):
+        w = torch.randn(N, K, generator=generator, device=device) * WEIGHT_STD
+        q = quantize(w, fmt)
+        del w
+        if data is None:
+            data = torch.empty((E, *q.data.shape), dtype=q.data.dtype, device=device)
+            if q.scales is not None:
+                scales = torch.empty((E, *q.scales.shape), dtype=q.scales.dtype, device=device)
+            if q.global_scale is not None:
+                gs = torch.empty((E, *q.global_scale.shape), dtype=q.global_scale.dtype, device=device)
+        data[e] = q.data
+        if scales is not None:
+            scales[e] = q.scales
+        if gs is not None:
+            gs[e] = q.global_scale
+        on_expert()
+    return QuantizedTensor(fmt, shape, data, scales, gs)
+
+
+def random_weights(spec: MoESpec, fmt: str, device: torch.device, seed: int = 0,
+                   on_expert=lambda: None) -> ExpertWeights:
+    """Canonical weights quantized to `fmt` from random float weights (biases if spec.bias).
+
+    on_expert: called after each expert's matrix is quantized (2 * num_experts calls), for progress.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    E, H, I = spec.num_experts, spec.hidden_size, spec.intermediate_size
+    w13 = _quantize_experts((E, 2 * I, H), fmt, device, g, on_expert)
+    w2 = _quantize_experts((E, H, I), fmt, device, g, on_expert)
+    b13 = b2 = None
+    if spec.bias:
+        b13 = torch.randn(E, 2 * I, generator=g, device=device) * WEIGHT_STD
+        b2 = torch.randn(E, H, generator=g, device=device) * WEIGHT_STD
+    return ExpertWeights(w13, w2, b13, b2)
+
+
+def random_inputs(spec: MoESpec, tokens: int, dtype: torch.dtype, device: torch.device, seed: int = 1):
+    """x [M, H] `dtype` ~ N(0, 1); router_logits [M, E] fp32 ~ N(0, 1); correction_bias [E] fp32
+    for the routing modes that use one, else None."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(tokens, spec.hidden_size, generator=g, device=device).to(dtype)
+    logits = torch.randn(tokens, spec.num_experts, generator=g, device=device)
+    bias = None
+    if spec.routing.mode != "softmax":
+        bias = torch.randn(spec.num_experts, generator=g, device=device) * 0.1
+    return x, logits, bias
+
+
+def time_per_call(fn, device: torch.device, budget_s: float = 0.5, max_calls: int = 20) -> float:
+    """Median seconds per call of fn() (already warmed up by the caller's first call).
+
+    CUDA: CUDA events around each call. CPU: wall clock. Stops after max_calls or once
+    budget_s is spent (after at least one call), so slow backends stay quick to demo.
+    """
+    times = []
+    start = time.perf_counter()
+    if device.type == "cuda":
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize(device)
+        while len(times) < max_calls and (not times or time.perf_counter() - start < budget_s):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+    else:
+        while len(times) < max_calls and (not times or time.perf_counter() - start < budget_s):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN if out holds a NaN)."""
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def run_backend(name, spec, weights, x, logits, bias, ref, device):
+    """One row of the table: prepare, one poisoned-output call checked against ref, timing."""
+    from . import MoE
+    from .envinfo import load_backend
+
+    row = {"backend": name, "usable": False, "reason": "", "rel_error": None, "ok": None,
+           "prepare_s": None, "time_us": None}
+    backend, error = load_backend(name)
+    if backend is None:
+        row["reason"] = error
+        return row
+    try:
+        ok, reason = backend.supports(spec, weights.format, device)
+    except Exception as e:  # supports() must not raise; if it does, that is the reason
+        ok, reason = False, f"supports() raised {type(e).__name__}: {e}"
+    row["reason"] = str(reason)
+    if not ok:
+        return row
+    row["usable"] = True
+    try:
+        t0 = time.perf_counter()
+        moe = MoE(spec, weights, backend=name, check_ids=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        row["prepare_s"] = time.perf_counter() - t0
+        out = torch.full_like(x, float("nan"))  # unwritten elements must show up as errors
+        moe(x, logits, bias, out=out)
+        rel = relative_error(out, ref)
+        row["ok"] = rel <= TOLERANCE  # False for NaN too
+        if math.isfinite(rel):
+            row["rel_error"] = rel
+        else:  # kept out of the JSON, which has no NaN
+            row["reason"] = "the output holds NaN or inf (elements left unwritten, or an overflow)"
+        row["time_us"] = time_per_call(lambda: moe(x, logits, bias, out=out), device) * 1e6
+    except Exception as e:  # a crashing backend is a failed row; the others still run
+        row["ok"] = False
+        row["reason"] = f"failed: {type(e).__name__}: {e}"
+    return row
+
+
+# --- the command ----------------------------------------------------------------------------
+
+def _tokens(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of tokens, got {text!r}")
+    return n
+
+
+def add_arguments(parser) -> None:
+    from .backends import BACKEND_NAMES
+
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=list(presets),
+                        help=f"which model's layer (default {DEFAULT_PRESET}); scaled down on CPU unless --full")
+    parser.add_argument("--tokens", type=_tokens, default=None, metavar="M",
+                        help="tokens in the batch (default 64 on a GPU, 16 on CPU)")
+    parser.add_argument("--format", default="mxfp4", choices=list(FORMATS),
+                        help="weight format the float weights are quantized to (default mxfp4)")
+    parser.add_argument("--backend", action="append", choices=list(BACKEND_NAMES), metavar="NAME",
+                        help=f"run only this backend (repeatable; default all): {', '.join(BACKEND_NAMES)}")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="activation dtype (default bfloat16)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to run (default: cuda if there is a GPU, else cpu)")
+    parser.add_argument("--full", action="store_true",
+                        help="on CPU, run the preset's real shapes instead of the scaled-down layer (slow)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: expected cpu or auto on a machine without a CUDA GPU, got cuda")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    if device.type == "cpu":
+        # Triton kernels run on CPU only under its interpreter, which is chosen when the kernels
+        # are imported: set it before any backend is imported (a user's explicit value wins)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .backends import BACKEND_NAMES
+    from .backends.reference import reference_moe
+    from .routing import route
+
+    spec = presets[args.preset]
+    full_spec = spec
+    if device.type == "cpu" and not args.full:
+        spec = scaled_down(spec)
+    tokens = args.tokens or (64 if device.type == "cuda" else 16)
+    dtype = getattr(torch, args.dtype)
+    names = [n for n in BACKEND_NAMES if not args.backend or n in args.backend]
+
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as progress:
+        task = progress.add_task(f"quantizing {spec.num_experts} experts to {args.format}",
+                                 total=2 * spec.num_experts)
+        weights = random_weights(spec, args.format, device, args.seed,
+                                 on_expert=lambda: progress.advance(task))
+        x, logits, bias = random_inputs(spec, tokens, dtype, device, args.seed + 1)
+        progress.update(task, description="float64 computation on the dequantized weights",
+                        completed=0, total=None)
+        topk_ids, topk_weights = route(spec, logits, bias)
+        ref = reference_moe(spec, weights, x, topk_ids, topk_weights, dtype=torch.float64)
+        rows = []
+        for name in names:
+            progress.update(task, description=f"running {name}")
+            rows.append(run_backend(name, spec, weights, x, logits, bias, ref, device))
+
+    result = {
+        "preset": args.preset,
+        "scaled_down": spec != full_spec,
+        "spec": {"num_experts": spec.num_experts, "top_k": spec.top_k, "hidden_size": spec.hidden_size,
+                 "intermediate_size": spec.intermediate_size, "routing": spec.routing.mode, "bias": spec.bias},
+        "format": args.format,
+        "weights_bytes": weights.nbytes,
+        "tokens": tokens,
+        "dtype": args.dtype,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "tolerance": TOLERANCE,
+        "backends": rows,
+    }
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print_table(result, full_spec)
+    usable = [r for r in rows if r["usable"]]
+    return 0 if usable and all(r["ok"] for r in usable) else 1
+
+
+def print_table(result: dict, full_spec: MoESpec) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    s = result["spec"]
+    shape = f"E={s['num_experts']}, top_k={s['top_k']}, H={s['hidden_size']}, I={s['intermediate_size']}"
+    if result["scaled_down"]:
+        shape += (f"; scaled down for CPU from E={full_spec.num_experts}, H={full_spec.hidden_size}, "
+                  f"I={full_spec.intermediate_size}")
+    console.print(escape(f"{result['preset']} layer ({shape}), {result['format']} weights "
+                         f"({result['weights_bytes'] / 1e6:.1f} MB), {result['tokens']} tokens of "
+                         f"{result['dtype']}, on {result['device']}"))
+    table = Table()
+    table.add_column("backend", style="bold", no_wrap=True)
+    table.add_column("rel. error", justify="right", no_wrap=True)
+    table.add_column(f"within {result['tolerance']:g}", no_wrap=True)
+    table.add_column("us / call", justify="right", no_wrap=True)
+    table.add_column("prepare s", justify="right", no_wrap=True)
+    not_run = []
+    for r in result["backends"]:
+        if not r["usable"]:
+            not_run.append(r)
+            continue
+        err = "nan" if r["ok"] is False and r["rel_error"] is None else \
+            "-" if r["rel_error"] is None else f"{r['rel_error']:.2e}"
+        ok = "[green]yes[/green]" if r["ok"] else "[red]NO[/red]"
+        us = "-" if r["time_us"] is None else f"{r['time_us']:,.1f}"
+        prep = "-" if r["prepare_s"] is None else f"{r['prepare_s']:.2f}"
+        table.add_row(r["backend"], err, ok, us, prep)
+    console.print(table)
+    console.print("relative error = ||out - ref|| / ||ref||, ref = float64 on the dequantized weights")
+    for r in result["backends"]:
+        if r["usable"] and not r["ok"]:
+            console.print(escape(f"{r['backend']}: {r['reason']}"), style="red")
+    if result["scaled_down"]:
+        console.print("(scaled down to run in seconds on CPU; --full for the real shapes)")
+    if not_run:
+        console.print("not run:")
+        for r in not_run:
+            console.print(escape(f"  {r['backend']}: {r['reason']}"))
+
+
+__all__ = ["random_inputs", "random_weights", "relative_error", "scaled_down", "time_per_call"]

@@ -1,0 +1,141 @@
+"""`qmoe env`: what is installed here, and which backend can run which format (and why not)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import sys
+
+import torch
+
+from . import FORMATS, __version__, presets
+from .backends import BACKEND_NAMES, get_backend
+
+PROBE_PRESET = "gpt-oss-20b"
+"""The spec backends are asked about: a real, common shape (support rarely depends on the shape)."""
+
+
+def package_version(dist: str, module: str) -> str:
+    """Installed version of a distribution, found without importing its module (importing
+    flashinfer can take seconds and log), or "not installed"."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    return "installed (version unknown)" if found else "not installed"
+
+
+def gpu_info() -> dict | str:
+    """{"name", "compute_capability", "count"} of GPU 0, or "none"."""
+    if not torch.cuda.is_available():
+        return "none"
+    major, minor = torch.cuda.get_device_capability(0)
+    return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}",
+            "count": torch.cuda.device_count()}
+
+
+def load_backend(name: str):
+    """(backend, None), or (None, why it cannot be imported); never raises."""
+    try:
+        return get_backend(name), None
+    except ModuleNotFoundError as e:
+        missing = f"qmoe.backends.{name}"
+        if e.name == missing:
+            return None, f"not available in this build ({missing} is missing)"
+        return None, f"import failed: {type(e).__name__}: {e}"
+    except Exception as e:  # a broken backend module is reported, never fatal
+        return None, f"import failed: {type(e).__name__}: {e}"
+
+
+def backend_support(name: str, spec, device: torch.device) -> dict:
+    """{format: {"usable": bool, "reason": str}} for one backend; never raises."""
+    backend, error = load_backend(name)
+    if backend is None:
+        return {fmt: {"usable": False, "reason": error} for fmt in FORMATS}
+    out = {}
+    for fmt in FORMATS:
+        try:
+            ok, reason = backend.supports(spec, fmt, device)
+        except Exception as e:  # supports() must not raise; if it does, that is the reason
+            ok, reason = False, f"supports() raised {type(e).__name__}: {e}"
+        out[fmt] = {"usable": bool(ok), "reason": str(reason)}
+    return out
+
+
+def collect() -> dict:
+    """Everything `qmoe env` reports, as plain JSON-ready data."""
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    spec = presets[PROBE_PRESET]
+    return {
+        "qmoe": __version__,
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "triton": package_version("triton", "triton"),
+        "flashinfer": package_version("flashinfer-python", "flashinfer"),
+        "gpu": gpu_info(),
+        "device": str(device),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "") == "1",
+        "probe": {"preset": PROBE_PRESET, "device": str(device)},
+        "backends": {name: backend_support(name, spec, device) for name in BACKEND_NAMES},
+    }
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def run(args) -> int:
+    info = collect()
+    if args.json:
+        json.dump(info, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print_report(info)
+    return 0
+
+
+def print_report(info: dict) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    gpu = info["gpu"]
+    gpu_text = "none" if gpu == "none" else f"{gpu['name']} (SM {gpu['compute_capability']}, {gpu['count']} GPU)"
+    versions = Table(show_header=False, box=None, pad_edge=False)
+    versions.add_column(style="bold")
+    versions.add_column()
+    for key, value in (("qmoe", info["qmoe"]), ("python", f"{info['python']} ({info['platform']})"),
+                       ("torch", f"{info['torch']} (CUDA {info['cuda']})"), ("triton", info["triton"]),
+                       ("flashinfer", info["flashinfer"]), ("GPU", gpu_text),
+                       ("TRITON_INTERPRET", "1" if info["triton_interpret"] else
+                        "not set" if gpu != "none" else
+                        "not set (Triton kernels run on a CPU only with TRITON_INTERPRET=1)")):
+        versions.add_row(key, escape(str(value)))
+    console.print(versions)
+
+    table = Table(title=f"backends for {info['probe']['preset']} shapes on {info['probe']['device']}")
+    table.add_column("backend", style="bold", no_wrap=True)
+    table.add_column("usable formats")
+    table.add_column("why / why not", overflow="fold")
+    for name, per_fmt in info["backends"].items():
+        usable = [f for f, s in per_fmt.items() if s["usable"]]
+        # formats sharing a reason are listed together: most backends give one reason for all
+        by_reason: dict[str, list[str]] = {}
+        for fmt, s in per_fmt.items():
+            by_reason.setdefault(s["reason"], []).append(fmt)
+        if len(by_reason) == 1:
+            why = next(iter(by_reason))
+        else:
+            why = "\n".join(f"{', '.join(fmts)}: {reason}" for reason, fmts in by_reason.items())
+        table.add_row(name, ", ".join(usable) if usable else "[red]none[/red]", escape(why))
+    console.print(table)
