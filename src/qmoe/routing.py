@@ -23,8 +23,12 @@ def route(spec: MoESpec, router_logits: torch.Tensor, correction_bias: torch.Ten
     if not router_logits.is_floating_point():
         raise ValueError(f"router_logits: expected a float tensor, got {router_logits.dtype}")
     if correction_bias is not None:
-        if tuple(correction_bias.shape) != (E,):
-            raise ValueError(f"correction_bias: expected shape [{E}], got {list(correction_bias.shape)}")
+        if not isinstance(correction_bias, torch.Tensor) or tuple(correction_bias.shape) != (E,):
+            got = (list(correction_bias.shape) if isinstance(correction_bias, torch.Tensor)
+                   else type(correction_bias).__name__)
+            raise ValueError(f"correction_bias: expected shape [{E}], got {got}")
+        if not correction_bias.is_floating_point():
+            raise ValueError(f"correction_bias: expected a float tensor, got {correction_bias.dtype}")
         if correction_bias.device != router_logits.device:
             raise ValueError(f"correction_bias: expected device {router_logits.device}, "
                              f"got {correction_bias.device}")
