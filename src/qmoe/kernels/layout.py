@@ -1,0 +1,95 @@
+"""The weight layout qmoe's Triton MoE kernels read, and its inverse.
+
+Canonical (qmoe.weights): packed uint8 [E, N, K/2], low nibble = element 2i, high
+nibble = element 2i+1; scales [E, N, K/G].
+
+Kernel layout ("split-nibble K tiles"), per matrix [E, N, K]:
+- K is padded with zero codes to Kp, a multiple of KT = 128; N to Np (a multiple of 128)
+  with zero rows. For w13 the gate and up halves are padded separately, so rows are
+  [gate (I -> Ip); up (I -> Ip)] and the padded intermediate columns compute exactly 0.
+- In each 128-element K tile, byte j (0..63) holds element j in its LOW nibble and
+  element 64 + j in its HIGH nibble. So one 64-byte load per row gives two contiguous
+  64-element halves of the tile: the kernel masks or shifts out one half and multiplies
+  it with one contiguous 64-column slice of the activations: no interleave in registers.
+- Scales keep their canonical order [E, Np, Kp/G] (the low half of a tile uses the first
+  KT/(2G) scales of that tile, the high half the next ones), stored as raw bytes:
+  uint8 (E8M0 for mxfp4, E4M3 bits for nvfp4) or int16 (bf16 bits for int4).
+
+`to_kernel_layout` and `from_kernel_layout` are inverses (tests round-trip them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+KT = 128
+"""Elements of K per kernel tile; every kernel iteration consumes one tile per row."""
+
+PAD = 128
+"""N and K are padded to multiples of this."""
+
+
+def round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _unpack(data: torch.Tensor) -> torch.Tensor:
+    return torch.stack((data & 0xF, data >> 4), dim=-1).reshape(*data.shape[:-1], data.shape[-1] * 2)
+
+
+def _raw_scales(scales: torch.Tensor) -> torch.Tensor:
+    if scales.dtype == torch.bfloat16:
+        return scales.view(torch.int16)
+    return scales.view(torch.uint8)
+
+
+def _pad_rows_cols(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    out = torch.zeros(n, k, dtype=t.dtype, device=t.device)
+    out[: t.shape[0], : t.shape[1]] = t
+    return out
+
+
+def to_kernel_layout(data: torch.Tensor, scales: torch.Tensor, block: int, halves: int = 1):
+    """Canonical -> kernel layout for one weight matrix stack.
+
+    data: [E, N, K/2] uint8 (canonical packing); scales: [E, N, K/block] (uint8 /
+    float8_e4m3fn / bf16); block: elements per scale (16 or 32);
+    halves: 2 for w13 (gate and up halves padded separately), 1 otherwise.
+    Returns (data [E, Np, Kp/2] uint8, scales [E, Np, Kp/block] uint8 or int16), where
+    Np = halves * round_up(N / halves, 128) and Kp = round_up(K, 128).
+    Works one expert at a time, so the temporaries are one expert's codes.
+    """
+    E, N, K2 = data.shape
+    K = 2 * K2
+    nh = N // halves
+    nhp, Kp = round_up(nh, PAD), round_up(K, KT)
+    raw = _raw_scales(scales)
+    out_d = torch.empty(E, halves * nhp, Kp // 2, dtype=torch.uint8, device=data.device)
+    out_s = torch.empty(E, halves * nhp, Kp // block, dtype=raw.dtype, device=data.device)
+    for e in range(E):
+        codes = _unpack(data[e])
+        for h in range(halves):
+            c = _pad_rows_cols(codes[h * nh:(h + 1) * nh], nhp, Kp).view(nhp, Kp // KT, 2, KT // 2)
+            out_d[e, h * nhp:(h + 1) * nhp] = (c[:, :, 0] | (c[:, :, 1] << 4)).view(nhp, Kp // 2)
+            out_s[e, h * nhp:(h + 1) * nhp] = _pad_rows_cols(raw[e, h * nh:(h + 1) * nh], nhp, Kp // block)
+    return out_d, out_s
+
+
+def from_kernel_layout(data: torch.Tensor, scales: torch.Tensor, n: int, k: int, block: int,
+                       scale_dtype: torch.dtype, halves: int = 1):
+    """Kernel layout -> canonical (inverse of `to_kernel_layout`).
+
+    data: [E, Np, Kp/2] uint8; scales: [E, Np, Kp/block] raw; n, k: the logical N and K;
+    scale_dtype: the canonical scale dtype to view the raw bytes as.
+    Returns (data [E, n, k/2] uint8, scales [E, n, k/block] scale_dtype).
+    """
+    E, Np, Kp2 = data.shape
+    Kp = 2 * Kp2
+    nhp, nh = Np // halves, n // halves
+    codes = data.view(E, Np, Kp // KT, KT // 2)
+    lo, hi = codes & 0xF, codes >> 4
+    full = torch.stack((lo, hi), dim=3).view(E, Np, Kp)  # each tile: [low-nibble half | high half]
+    rows = torch.cat([full[:, h * nhp:h * nhp + nh, :k] for h in range(halves)], dim=1)
+    packed = rows[..., 0::2] | (rows[..., 1::2] << 4)
+    s = torch.cat([scales[:, h * nhp:h * nhp + nh, : k // block] for h in range(halves)], dim=1)
+    return packed.contiguous(), s.contiguous().view(scale_dtype)

@@ -1,0 +1,248 @@
+"""qmoe's Triton MoE kernels: the public entry points (no policy, no I/O here).
+
+    layout = MoEKernelWeights.from_canonical(...)        # once (kernels/layout.py)
+    group_tokens(topk_ids, E, BM) -> Grouping            # GPU-side, no host sync
+    fused_moe(x, topk_ids, topk_weights, layout, act, cfg, out, shared_output)
+
+Work split: token grouping (sort the M*k (token, expert) slots by expert into blocks of BM
+rows), GEMM1 (gather x rows, dequantize w13 in registers, + b13, SwiGLU -> bf16
+intermediate), GEMM2 (dequantize w2, + b2, x routing weight -> one row per slot), combine
+(sum each token's k rows in a fixed order, + shared_output -> out). Every size is an upper
+bound computed from M, so nothing waits for the GPU and the whole call is CUDA-graph
+capturable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _moe_kernels as K
+from .layout import from_kernel_layout, round_up, to_kernel_layout
+
+FORMAT_CODES = {"mxfp4": K.FMT_MXFP4, "nvfp4": K.FMT_NVFP4, "int4": K.FMT_INT4}
+FORMAT_BLOCKS = {"mxfp4": 32, "nvfp4": 16, "int4": 32}
+SMALL_GROUPING_MAX = 1024
+"""Up to this many (token, expert) slots, grouping runs as one Triton program; above it, as
+a few PyTorch ops (sort + cumsum), whose launch cost is small next to prefill GEMMs."""
+
+
+def interpreted() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch configuration of one MoE call.
+
+    block_m: sorted token rows per program (16..128); block_n1 / block_n2: output columns per
+    program in GEMM1 (intermediate) / GEMM2 (hidden); swap: weights as the MMA's first operand
+    (accumulator transposed), good when block_m is small; warps/stages per GEMM.
+    """
+
+    block_m: int = 16
+    block_n1: int = 64
+    block_n2: int = 64
+    swap: bool = True
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for f in ("block_m", "block_n1", "block_n2"):
+            v = getattr(self, f)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"KernelConfig.{f}: expected a power of two >= 16, got {v}")
+
+
+@dataclass(eq=False)
+class MoEKernelWeights:
+    """Expert weights in the kernel layout (see kernels/layout.py).
+
+    w13: [E, 2Ip, Hp/2] uint8; s13: [E, 2Ip, Hp/G] uint8 | int16; w2: [E, Hp, Ip/2] uint8;
+    s2: [E, Hp, Ip/G]; gs13, gs2: [E] fp32 (nvfp4 global scales, else None);
+    b13: [E, 2Ip] fp32 or None; b2: [E, Hp] fp32 or None. H, I: logical sizes.
+    """
+
+    fmt: str
+    H: int
+    I: int
+    w13: torch.Tensor
+    s13: torch.Tensor
+    w2: torch.Tensor
+    s2: torch.Tensor
+    gs13: torch.Tensor | None = None
+    gs2: torch.Tensor | None = None
+    b13: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+
+    @property
+    def E(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def Hp(self) -> int:
+        return self.w2.shape[1]
+
+    @property
+    def Ip(self) -> int:
+        return self.w13.shape[1] // 2
+
+    @classmethod
+    def from_canonical(cls, fmt: str, w13_data, w13_scales, w2_data, w2_scales,
+                       w13_global=None, w2_global=None, b13=None, b2=None) -> "MoEKernelWeights":
+        """Canonical tensors (qmoe.weights layout) -> kernel layout.
+
+        w13_data [E, 2I, H/2] uint8, w13_scales [E, 2I, H/G]; w2_data [E, H, I/2], w2_scales
+        [E, H, I/G]; w13_global / w2_global [E] fp32 (nvfp4); b13 [E, 2I] / b2 [E, H] fp32 or None.
+        """
+        if fmt not in FORMAT_CODES:
+            raise ValueError(f"fmt: expected one of {', '.join(FORMAT_CODES)}, got {fmt!r}")
+        G = FORMAT_BLOCKS[fmt]
+        E, two_i, H2 = w13_data.shape
+        H, I = 2 * H2, two_i // 2
+        Hp, Ip = round_up(H, 128), round_up(I, 128)
+        w13, s13 = to_kernel_layout(w13_data, w13_scales, G, halves=2)
+        w2, s2 = to_kernel_layout(w2_data, w2_scales, G, halves=1)
+        pb13 = pb2 = None
+        if b13 is not None:
+            pb13 = torch.zeros(E, 2 * Ip, dtype=torch.float32, device=b13.device)
+            pb13[:, :I] = b13[:, :I]
+            pb13[:, Ip:Ip + I] = b13[:, I:]
+        if b2 is not None:
+            pb2 = torch.zeros(E, Hp, dtype=torch.float32, device=b2.device)
+            pb2[:, :H] = b2
+        f32 = (lambda t: None if t is None else t.float().contiguous())
+        return cls(fmt, H, I, w13, s13, w2, s2, f32(w13_global), f32(w2_global), pb13, pb2)
+
+    def to_canonical(self, scale_dtype: torch.dtype):
+        """Inverse of `from_canonical`: (w13_data, w13_scales, w2_data, w2_scales, b13, b2)."""
+        G = FORMAT_BLOCKS[self.fmt]
+        H, I, Ip = self.H, self.I, self.Ip
+        w13, s13 = from_kernel_layout(self.w13, self.s13, 2 * I, H, G, scale_dtype, halves=2)
+        w2, s2 = from_kernel_layout(self.w2, self.s2, H, I, G, scale_dtype, halves=1)
+        b13 = None if self.b13 is None else torch.cat((self.b13[:, :I], self.b13[:, Ip:Ip + I]), dim=1)
+        b2 = None if self.b2 is None else self.b2[:, :H].contiguous()
+        return w13, s13, w2, s2, b13, b2
+
+    @property
+    def nbytes(self) -> int:
+        ts = (self.w13, self.s13, self.w2, self.s2, self.gs13, self.gs2, self.b13, self.b2)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+@dataclass
+class Grouping:
+    """Slots sorted by expert in blocks of `block_m` rows.
+
+    sorted_slots: [num_blocks * block_m] int32, slot index t*k + j, or -1 for padding;
+    block_expert: [num_blocks] int32, the expert of each block, -1 past the last real block.
+    num_blocks is an upper bound from M alone: M*k // block_m + min(E, M*k).
+    """
+
+    sorted_slots: torch.Tensor
+    block_expert: torch.Tensor
+    block_m: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_expert.shape[0]
+
+
+def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
+    """Upper bound on sum_e ceil(count_e / block_m) over any routing of num_slots slots."""
+    return num_slots // block_m + min(num_experts, num_slots)
+
+
+def group_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Grouping:
+    """Sort (token, expert) slots by expert, each expert padded to a multiple of block_m rows.
+
+    topk_ids: [M, k] int32, values in [-1, E) (-1: no expert, the slot is dropped).
+    """
+    MK = topk_ids.numel()
+    E = num_experts
+    NB = max_blocks(MK, E, block_m)
+    dev = topk_ids.device
+    sorted_slots = torch.empty(NB * block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(NB, dtype=torch.int32, device=dev)
+    ids = topk_ids.reshape(-1)
+    if MK <= SMALL_GROUPING_MAX:
+        K.moe_group_small_kernel[(1,)](
+            ids, sorted_slots, block_expert, MK, E, NB,
+            BM=block_m, MK_P2=max(16, triton.next_power_of_2(MK)), ET=min(64, triton.next_power_of_2(E)),
+            NB_P2=max(16, triton.next_power_of_2(NB)), POS_P2=max(16, triton.next_power_of_2(NB * block_m)),
+            num_warps=4)
+        return Grouping(sorted_slots, block_expert, block_m)
+    # large M: PyTorch ops (all sizes fixed by M, no host sync)
+    key = torch.where(ids >= 0, ids, E).long()
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))[:E]
+    padded = (counts + block_m - 1) // block_m * block_m
+    pend = torch.cumsum(padded, 0)
+    pstart = pend - padded
+    ustart = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(key, stable=True)
+    skey = key[order]
+    ek = skey.clamp(max=E - 1)
+    pos = pstart[ek] + torch.arange(MK, device=dev) - ustart[ek]
+    pos = torch.where(skey < E, pos, NB * block_m)  # dropped slots go to a spill element
+    buf = torch.full((NB * block_m + 1,), -1, dtype=torch.int32, device=dev)
+    buf.scatter_(0, pos, order.to(torch.int32))
+    sorted_slots.copy_(buf[:-1])
+    b = torch.arange(NB, device=dev)
+    be = torch.searchsorted(pend // block_m, b, right=True)
+    block_expert.copy_(torch.where(be < E, be, -1).to(torch.int32))
+    return Grouping(sorted_slots, block_expert, block_m)
+
+
+def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+              weights: MoEKernelWeights, alpha: float, beta: float, limit: float | None,
+              cfg: KernelConfig, out: torch.Tensor, shared_output: torch.Tensor | None = None) -> torch.Tensor:
+    """The MoE experts on the Triton kernels.
+
+    x: [M, H] bf16 / fp16 / fp32 (contiguous rows); topk_ids: [M, k] int32 in [-1, E);
+    topk_weights: [M, k] fp32; weights: MoEKernelWeights; alpha, beta, limit: SwiGLU
+    (limit None = no clamp); out: [M, H] written in place (every element); shared_output:
+    [M, H] or None, added in the combine. Returns out.
+    """
+    M, H = x.shape
+    k = topk_ids.shape[1]
+    if M == 0:
+        return out
+    E, Ip, Hp = weights.E, weights.Ip, weights.Hp
+    fmt, G = FORMAT_CODES[weights.fmt], FORMAT_BLOCKS[weights.fmt]
+    cdt = tl.float32 if interpreted() else tl.bfloat16
+    BM = cfg.block_m
+    grp = group_tokens(topk_ids, E, BM)
+    NB = grp.num_blocks
+    inter = torch.empty(NB * BM, Ip, dtype=torch.bfloat16, device=x.device)
+    has_bias1, has_bias2 = weights.b13 is not None, weights.b2 is not None
+    dummy = weights.w13  # for absent optional pointers (never read)
+    n1 = Ip // cfg.block_n1
+    K.moe_gemm1_kernel[(NB * n1,)](
+        x, x.stride(0), weights.w13, weights.s13,
+        weights.gs13 if weights.gs13 is not None else dummy, weights.b13 if has_bias1 else dummy,
+        inter, grp.sorted_slots, grp.block_expert,
+        H, Ip, Hp, k, n1,
+        float(alpha), float(beta), float(limit) if limit is not None else 0.0,
+        FMT=fmt, G=G, HAS_BIAS=has_bias1, HAS_LIMIT=limit is not None,
+        BM=BM, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    y = torch.empty(M * k, H, dtype=torch.float32, device=x.device)
+    n2 = Hp // cfg.block_n2
+    K.moe_gemm2_kernel[(NB * n2,)](
+        inter, weights.w2, weights.s2,
+        weights.gs2 if weights.gs2 is not None else dummy, weights.b2 if has_bias2 else dummy,
+        y, grp.sorted_slots, grp.block_expert, topk_weights,
+        H, Hp, Ip, n2,
+        FMT=fmt, G=G, HAS_BIAS=has_bias2,
+        BM=BM, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    BH = min(1024, triton.next_power_of_2(H))
+    K.moe_combine_kernel[(M, triton.cdiv(H, BH))](
+        y, topk_ids, shared_output if shared_output is not None else out, out, H, k,
+        HAS_SHARED=shared_output is not None, K_P2=max(2, triton.next_power_of_2(k)), BH=BH, num_warps=4)
+    return out

@@ -1,0 +1,59 @@
+"""The kernel weight layout and its inverse (kernels/layout.py)."""
+
+import pytest
+import torch
+
+import qmoe
+from qmoe.kernels.layout import KT, from_kernel_layout, to_kernel_layout
+from qmoe.kernels.moe import MoEKernelWeights
+
+SCALE_DTYPES = {"mxfp4": torch.uint8, "nvfp4": torch.float8_e4m3fn, "int4": torch.bfloat16}
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4"])
+@pytest.mark.parametrize("halves,N,K", [(1, 96, 160), (2, 2 * 72, 64), (1, 256, 384)])
+def test_round_trip(fmt, halves, N, K):
+    q = qmoe.quantize(torch.randn(3, N, K), fmt)
+    block = qmoe.formats.block_size(fmt)
+    d, s = to_kernel_layout(q.data, q.scales, block, halves=halves)
+    assert d.shape[1] % 128 == 0 and d.shape[2] * 2 % KT == 0
+    d2, s2 = from_kernel_layout(d, s, N, K, block, SCALE_DTYPES[fmt], halves=halves)
+    assert torch.equal(d2, q.data)
+    assert torch.equal(s2.view(torch.uint8), q.scales.view(torch.uint8))
+
+
+def test_nibble_placement_and_padding():
+    """Byte j of a 128-wide tile holds element j (low nibble) and element 64 + j (high)."""
+    codes = torch.randint(0, 16, (1, 3, 200), dtype=torch.uint8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    scales = torch.randint(0, 255, (1, 3, 200 // 32 + 1), dtype=torch.uint8)[..., : 200 // 32]
+    d, s = to_kernel_layout(packed, scales.contiguous(), 32)
+    assert d.shape == (1, 128, 128) and s.shape == (1, 128, 8)
+    for j in (0, 5, 63):
+        assert int(d[0, 1, j] & 0xF) == int(codes[0, 1, j])
+        assert int(d[0, 1, j] >> 4) == int(codes[0, 1, 64 + j])
+        assert int(d[0, 2, 64 + j] & 0xF) == int(codes[0, 2, 128 + j])
+    # elements 200..255 of the second tile and rows 3..127 are zero codes, scales zero bytes
+    assert int(d[0, 0, 64 + 40] >> 4) == 0 and d[0, 3:].eq(0).all() and s[0, 3:].eq(0).all()
+    assert s[0, :3, 6:].eq(0).all()
+
+
+def test_kernel_weights_round_trip_with_bias_and_global_scales():
+    E, I, H = 2, 80, 96
+    w = qmoe.ExpertWeights.from_float(torch.randn(E, 2 * I, H), torch.randn(E, H, I), "nvfp4",
+                                      torch.randn(E, 2 * I), torch.randn(E, H))
+    kw = MoEKernelWeights.from_canonical("nvfp4", w.w13.data, w.w13.scales, w.w2.data, w.w2.scales,
+                                         w.w13.global_scale, w.w2.global_scale, w.b13, w.b2)
+    assert (kw.Ip, kw.Hp) == (128, 128)
+    # the padded gate/up columns carry zero bias so the padded intermediate is exactly 0
+    assert kw.b13[:, I:128].eq(0).all() and kw.b13[:, 128 + I:].eq(0).all()
+    w13, s13, w2, s2, b13, b2 = kw.to_canonical(torch.float8_e4m3fn)
+    assert torch.equal(w13, w.w13.data) and torch.equal(w2, w.w2.data)
+    assert torch.equal(s13.view(torch.uint8), w.w13.scales.view(torch.uint8))
+    assert torch.equal(s2.view(torch.uint8), w.w2.scales.view(torch.uint8))
+    assert torch.equal(b13, w.b13) and torch.equal(b2, w.b2)
+
+
+def test_rejects_unknown_format():
+    with pytest.raises(ValueError, match="fmt: expected one of"):
+        MoEKernelWeights.from_canonical("bf16", *(torch.zeros(1, 2, 2, dtype=torch.uint8),) * 4)

@@ -1,0 +1,186 @@
+"""The triton backend against the reference backend (float64), outputs poisoned with NaN.
+
+On a CPU these run through Triton's interpreter on tiny shapes; marked `gpu` tests run real
+preset shapes and CUDA-graph capture on a GPU. The interpreter rounds fp32 -> bf16 by
+truncation (the GPU rounds to nearest), so CPU errors are about twice the GPU's; the bound
+1e-2 holds for both.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+import qmoe
+from qmoe.backends import get_backend
+from qmoe.backends.reference import reference_moe
+from qmoe.kernels.moe import KernelConfig
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+TOL = 1e-2
+FORMATS = ("mxfp4", "nvfp4", "int4")
+
+
+def make(E, k, H, I, fmt, bias=True, limit=7.0, seed=0):
+    spec = qmoe.MoESpec(E, k, H, I, qmoe.SwiGLU(1.702, 1.0, limit), bias=bias, name="t")
+    g = torch.Generator().manual_seed(seed)
+    w = qmoe.ExpertWeights.from_float(
+        torch.randn(E, 2 * I, H, generator=g) / H ** 0.5, torch.randn(E, H, I, generator=g) / I ** 0.5, fmt,
+        torch.randn(E, 2 * I, generator=g) if bias else None, torch.randn(E, H, generator=g) if bias else None)
+    return spec, w.to(DEVICE)
+
+
+def inputs(spec, M, seed, drop=0.1, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(1000 + seed)
+    x = (2 * torch.randn(M, spec.hidden_size, generator=g)).to(dtype)
+    ids = torch.stack([torch.randperm(spec.num_experts, generator=g)[: spec.top_k] for _ in range(M)]) \
+        if M else torch.zeros(0, spec.top_k, dtype=torch.long)
+    ids = torch.where(torch.rand(ids.shape, generator=g) < drop, -1, ids).to(torch.int32)
+    w = torch.rand(M, spec.top_k, generator=g)
+    return x.to(DEVICE), ids.to(DEVICE), w.to(DEVICE)
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+CASES = [  # E, k, H, I, M  (H and I not multiples of the 128 tile in most)
+    (4, 1, 64, 64, 1), (4, 2, 96, 160, 3), (8, 4, 160, 96, 17), (8, 3, 64, 256, 64), (6, 4, 256, 64, 0),
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("E,k,H,I,M", CASES)
+def test_matches_reference(fmt, E, k, H, I, M):
+    spec, w = make(E, k, H, I, fmt, seed=E + H + I)
+    moe = qmoe.MoE(spec, w, backend="triton")
+    x, ids, tw = inputs(spec, M, seed=M)
+    out = torch.full((M, H), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    res = moe.experts(x, ids, tw, out=out)
+    assert res is out
+    if M == 0:
+        return
+    assert torch.isfinite(out).all(), "every output element must be written"
+    assert rel_err(out, reference_moe(spec, w, x, ids, tw)) < TOL
+
+
+@pytest.mark.parametrize("cfg", [KernelConfig(16, 32, 64, True), KernelConfig(32, 64, 32, False),
+                                 KernelConfig(64, 128, 128, False, num_warps=8)])
+def test_configs_agree(cfg):
+    spec, w = make(8, 4, 160, 96, "mxfp4")
+    b = get_backend("triton")
+    prep = b.prepare(spec, w)
+    x, ids, tw = inputs(spec, 21, seed=5)
+    out = torch.full((21, 160), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    b.forward(prep, x, ids, tw, out, config=cfg)
+    assert rel_err(out, reference_moe(spec, w, x, ids, tw)) < TOL
+
+
+def test_shared_output_no_limit_no_bias_fp32_and_fp16():
+    spec, w = make(4, 2, 64, 96, "int4", bias=False, limit=None)
+    moe = qmoe.MoE(spec, w, backend="triton")
+    for dtype in (torch.float32, torch.float16):
+        x, ids, tw = inputs(spec, 5, seed=9, dtype=dtype)
+        shared = torch.randn(5, 64, device=DEVICE).to(dtype)
+        out = moe.experts(x, ids, tw, shared_output=shared)
+        assert out.dtype == dtype
+        assert rel_err(out, reference_moe(spec, w, x, ids, tw, shared)) < TOL
+
+
+def test_all_ids_dropped_gives_shared_output_exactly():
+    spec, w = make(4, 2, 64, 64, "mxfp4")
+    moe = qmoe.MoE(spec, w, backend="triton")
+    x, _, tw = inputs(spec, 3, seed=1)
+    ids = torch.full((3, 2), -1, dtype=torch.int32, device=DEVICE)
+    shared = torch.randn(3, 64, device=DEVICE).to(torch.bfloat16)
+    out = torch.full((3, 64), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    moe.experts(x, ids, tw, out=out, shared_output=shared)
+    assert torch.equal(out, shared)
+    moe.experts(x, ids, tw, out=out)
+    assert out.eq(0).all()
+
+
+def test_deterministic():
+    spec, w = make(4, 4, 96, 64, "nvfp4")
+    moe = qmoe.MoE(spec, w, backend="triton")
+    x, ids, tw = inputs(spec, 9, seed=3, drop=0.0)
+    assert torch.equal(moe.experts(x, ids, tw), moe.experts(x, ids, tw))
+
+
+def test_routing_through_moe_call():
+    spec, w = make(8, 2, 64, 64, "mxfp4")
+    moe = qmoe.MoE(spec, w, backend="triton")
+    x = torch.randn(4, 64, device=DEVICE).to(torch.bfloat16)
+    logits = torch.randn(4, 8, device=DEVICE)
+    ids, tw = qmoe.route(spec, logits)
+    assert rel_err(moe(x, logits), reference_moe(spec, w, x, ids, tw)) < TOL
+
+
+def test_supports_reasons():
+    b = get_backend("triton")
+    spec = qmoe.presets["gpt-oss-20b"]
+    assert not b.supports(spec, "bf16", DEVICE).ok
+    assert "reference" in b.supports(spec, "bf16", DEVICE).reason
+
+
+# ---- GPU: real preset shapes and CUDA graphs ---------------------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gpt-oss-120b", "deepseek-v4-flash", "kimi-k2.5", "qwen3-30b-a3b"])
+def test_presets_on_gpu(name):
+    from qmoe.bench import random_expert_weights
+
+    spec = qmoe.presets[name]
+    fmts = ("mxfp4", "nvfp4", "int4") if name == "qwen3-30b-a3b" else (qmoe.spec.PRESET_FORMATS[name],)
+    for fmt in fmts:
+        w = random_expert_weights(spec, fmt, "cuda", seed=1)
+        moe = qmoe.MoE(spec, w, backend="triton")
+        for M in (1, 3, 64, 1024):
+            x = torch.randn(M, spec.hidden_size, device="cuda").to(torch.bfloat16)
+            logits = torch.randn(M, spec.num_experts, device="cuda")
+            ids, tw = qmoe.route(spec, logits)
+            ids[0, 0] = -1
+            out = torch.full((M, spec.hidden_size), float("nan"), dtype=torch.bfloat16, device="cuda")
+            moe.experts(x, ids, tw, out=out)
+            assert torch.isfinite(out).all()
+            err = rel_err(out, reference_moe(spec, w, x, ids, tw))
+            assert err < TOL, f"{name} {fmt} M={M}: {err}"
+        del w, moe
+        torch.cuda.empty_cache()
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 300, 2048])
+def test_cuda_graph_replay_equals_eager(M):
+    spec = dataclasses.replace(qmoe.presets["gpt-oss-20b"])
+    from qmoe.bench import random_expert_weights
+
+    w = random_expert_weights(spec, "mxfp4", "cuda", seed=2)
+    moe = qmoe.MoE(spec, w, backend="triton", check_ids=False)
+    x = torch.randn(M, spec.hidden_size, device="cuda").to(torch.bfloat16)
+    logits = torch.randn(M, spec.num_experts, device="cuda")
+    eager = moe(x, logits)
+    out = torch.full_like(eager, float("nan"))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        moe(x, logits, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    out.fill_(float("nan"))
+    with torch.cuda.graph(g):
+        moe(x, logits, out=out)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    # new inputs in the same buffers: the graph computes the new answer
+    x.copy_(torch.randn_like(x))
+    logits.copy_(torch.randn_like(logits))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, moe(x, logits))
