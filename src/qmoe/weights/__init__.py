@@ -32,8 +32,10 @@ class ExpertWeights:
         for name in ("w13", "w2"):
             q = getattr(self, name)
             if not isinstance(q, QuantizedTensor) or len(q.shape) != 3:
-                raise ValueError(f"{name}: expected a 3-D QuantizedTensor, got "
-                                 f"{getattr(q, 'shape', type(q).__name__)}")
+                got = type(q).__name__
+                if hasattr(q, "shape"):
+                    got += f" of shape {list(q.shape)}"
+                raise ValueError(f"{name}: expected a 3-D QuantizedTensor, got {got}")
         E, two_i, H = self.w13.shape
         if two_i % 2:
             raise ValueError(f"w13: expected [E, 2I, H] with an even row count, got {list(self.w13.shape)}")
@@ -106,12 +108,10 @@ class ExpertWeights:
         w13: [E, 2I, H] float, rows [gate; up]; w2: [E, H, I] float;
         b13: [E, 2I] / b2: [E, H] any float dtype (stored as fp32), or None.
         """
-        if not isinstance(w13, torch.Tensor) or w13.dim() != 3:
-            raise ValueError(f"w13: expected a float tensor [E, 2I, H], got "
-                             f"{list(w13.shape) if isinstance(w13, torch.Tensor) else type(w13).__name__}")
-        if not isinstance(w2, torch.Tensor) or w2.dim() != 3:
-            raise ValueError(f"w2: expected a float tensor [E, H, I], got "
-                             f"{list(w2.shape) if isinstance(w2, torch.Tensor) else type(w2).__name__}")
+        for name, t, dims in (("w13", w13, "[E, 2I, H]"), ("w2", w2, "[E, H, I]")):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.is_floating_point():
+                got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name}: expected a float tensor {dims}, got {got}")
         fb = (lambda b: None if b is None else b.float().contiguous())
         return cls(quantize(w13, fmt), quantize(w2, fmt), fb(b13), fb(b2))
 

@@ -87,9 +87,9 @@ class _Reader:
                              f"got {t.dtype} of shape {list(t.shape)}")
         return t
 
-    def shape_of(self, name: str) -> tuple:
+    def shape_of(self, name: str, expected: str) -> tuple:
         if name not in self.where:
-            raise ValueError(f"checkpoint: tensor {name} is missing")
+            raise ValueError(f"checkpoint: tensor {name} is missing (expected {expected})")
         with self._open(self.where[name]) as f:
             return tuple(f.get_slice(name).get_shape())
 
@@ -103,12 +103,13 @@ def load_gpt_oss(path: str, layer: int) -> GptOssLayer:
     """
     from . import ExpertWeights
 
-    r = _Reader(path)
+    r = _Reader(os.fspath(path))
     p = _P.format(layer=layer)
-    shape = r.shape_of(p + "experts.gate_up_proj_blocks")
-    if len(shape) != 4 or shape[3] != 16 or shape[1] % 2:
-        raise ValueError(f"checkpoint: tensor {p}experts.gate_up_proj_blocks: expected uint8 of shape "
-                         f"[E, 2I, H/32, 16], got shape {list(shape)}")
+    expected = "uint8 of shape [E, 2I, H/32, 16] with I a multiple of 32"
+    shape = r.shape_of(p + "experts.gate_up_proj_blocks", expected)
+    if len(shape) != 4 or shape[3] != 16 or shape[1] % 64:
+        raise ValueError(f"checkpoint: tensor {p}experts.gate_up_proj_blocks: expected {expected}, "
+                         f"got shape {list(shape)}")
     E, two_i, hb, _ = shape
     H, I = hb * 32, two_i // 2
     w13 = r.get(p + "experts.gate_up_proj_blocks", torch.uint8, (E, two_i, hb, 16))
@@ -132,15 +133,24 @@ def save_gpt_oss(path: str, layers) -> None:
 
     layers: {layer index: (weights, router_weight [E, H], router_bias [E])}, weights an mxfp4
     ExpertWeights. path ending in .safetensors: one file; otherwise a folder with one file per
-    layer and model.safetensors.index.json.
+    layer and model.safetensors.index.json. Biases and the router are stored in bf16, as GPT-OSS
+    stores them (missing biases are written as zeros).
     """
     from safetensors.torch import save_file
 
+    from . import ExpertWeights
+
+    path = os.fspath(path)
     per_layer = {}
     for i, (weights, rw, rb) in dict(layers).items():
-        if weights.format != "mxfp4":
-            raise ValueError(f"layers[{i}]: GPT-OSS checkpoints hold mxfp4 experts, got {weights.format}")
+        if not isinstance(weights, ExpertWeights) or weights.format != "mxfp4":
+            got = weights.format if isinstance(weights, ExpertWeights) else type(weights).__name__
+            raise ValueError(f"layers[{i}]: GPT-OSS checkpoints hold mxfp4 ExpertWeights, got {got}")
         E, two_i, H = weights.w13.shape
+        for name, t, shape in (("router_weight", rw, (E, H)), ("router_bias", rb, (E,))):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"layers[{i}].{name}: expected shape {list(shape)}, got {got}")
         I = two_i // 2
         p = _P.format(layer=i)
         b13 = weights.b13 if weights.b13 is not None else torch.zeros(E, two_i)
