@@ -141,7 +141,7 @@ class MoE:
         if not t.is_floating_point():
             raise ValueError(f"{name}: expected a float tensor, got {t.dtype}")
         if not t.is_contiguous():
-            raise ValueError(f"{name}: expected a contiguous tensor")
+            raise ValueError(f"{name}: expected a contiguous tensor, got strides {list(t.stride())}")
         self._check_device(name, t)
 
 

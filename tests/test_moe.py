@@ -1,0 +1,113 @@
+"""qmoe.MoE: every bad input is a ValueError naming the argument, the expected and the given."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import random_weights, small_spec
+
+import qmoe
+from qmoe.backends import Support
+from qmoe.backends import reference as reference_module
+
+SPEC = small_spec()  # E=4, k=2, H=64, I=32
+M, H, E, K = 3, SPEC.hidden_size, SPEC.num_experts, SPEC.top_k
+
+
+@pytest.fixture(scope="module")
+def moe():
+    return qmoe.MoE(SPEC, random_weights(SPEC), backend="reference")
+
+
+def good():
+    x = torch.randn(M, H, dtype=torch.bfloat16)
+    ids = torch.tensor([[0, 1], [2, 3], [-1, 1]], dtype=torch.int32)
+    return x, ids, torch.rand(M, K)
+
+
+def test_good_inputs_run(moe):
+    x, ids, w = good()
+    out = moe.experts(x, ids, w)
+    assert out.shape == (M, H) and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(x=torch.randn(M * H)), rf"x: expected shape \[M, {H}\], got \[{M * H}\]"),
+    (dict(x=torch.randn(M, H + 1)), rf"x: expected shape \[M, {H}\], got \[{M}, {H + 1}\]"),
+    (dict(x=[[0.0] * H]), rf"x: expected shape \[M, {H}\], got list"),
+    (dict(x=torch.randn(M, H, dtype=torch.float64)), r"x: expected dtype bfloat16, float16 or float32, got torch.float64"),
+    (dict(x=torch.zeros(M, H, dtype=torch.int32)), r"x: expected dtype bfloat16, float16 or float32, got torch.int32"),
+    (dict(x=torch.randn(M, H, device="meta")), r"x: expected device cpu \(where the weights are\), got meta"),
+    (dict(ids=torch.zeros(M, K + 1, dtype=torch.int32)), rf"topk_ids: expected shape \[{M}, {K}\], got \[{M}, {K + 1}\]"),
+    (dict(ids=torch.zeros(M + 1, K, dtype=torch.int32)), rf"topk_ids: expected shape \[{M}, {K}\], got \[{M + 1}, {K}\]"),
+    (dict(ids=[[0, 1]] * M), rf"topk_ids: expected shape \[{M}, {K}\], got list"),
+    (dict(ids=torch.zeros(M, K)), r"topk_ids: expected int32 or int64, got torch.float32"),
+    (dict(ids=torch.zeros(M, K, dtype=torch.int32, device="meta")), r"topk_ids: expected device cpu .*got meta"),
+    (dict(ids=torch.tensor([[0, 1], [2, E], [0, 1]], dtype=torch.int32)),
+     rf"topk_ids: expected values in \[-1, {E}\), got values in \[0, {E}\]"),
+    (dict(ids=torch.tensor([[0, 1], [-2, 1], [0, 1]])), rf"topk_ids: expected values in \[-1, {E}\), got values in \[-2, 1\]"),
+    (dict(w=torch.rand(M, 1)), rf"topk_weights: expected shape \[{M}, {K}\], got \[{M}, 1\]"),
+    (dict(w=torch.rand(K)), rf"topk_weights: expected shape \[{M}, {K}\], got \[{K}\]"),
+    (dict(w=torch.ones(M, K, dtype=torch.int64)), r"topk_weights: expected a float tensor, got torch.int64"),
+    (dict(w=torch.rand(M, K, device="meta")), r"topk_weights: expected device cpu .*got meta"),
+    (dict(out=torch.empty(M + 1, H, dtype=torch.bfloat16)), rf"out: expected shape \[{M}, {H}\], got \[{M + 1}, {H}\]"),
+    (dict(out=torch.empty(M, H)), r"out: expected dtype torch.bfloat16 \(x's dtype\), got torch.float32"),
+    (dict(out=torch.empty(H, M, dtype=torch.bfloat16).T), rf"out: expected a contiguous tensor, got strides \[1, {M}\]"),
+    (dict(out=torch.empty(M, H, dtype=torch.bfloat16, device="meta")), r"out: expected device cpu .*got meta"),
+    (dict(out="buffer"), rf"out: expected shape \[{M}, {H}\], got str"),
+    (dict(shared_output=torch.zeros(M, H + 1)), rf"shared_output: expected shape \[{M}, {H}\], got \[{M}, {H + 1}\]"),
+    (dict(shared_output=torch.zeros(M, H, dtype=torch.int32)), r"shared_output: expected a float tensor, got torch.int32"),
+])
+def test_experts_bad_inputs(moe, change, match):
+    x, ids, w = good()
+    args = {"x": x, "ids": ids, "w": w, "out": None, "shared_output": None, **change}
+    with pytest.raises(ValueError, match=match):
+        moe.experts(args["x"], args["ids"], args["w"], out=args["out"], shared_output=args["shared_output"])
+
+
+def test_out_is_left_alone_when_input_is_rejected(moe):
+    x, ids, w = good()
+    out = torch.full((M, H), 7.0, dtype=torch.bfloat16)
+    with pytest.raises(ValueError):
+        moe.experts(x, torch.full((M, K), E, dtype=torch.int32), w, out=out)
+    assert (out == 7.0).all()
+
+
+@pytest.mark.parametrize("logits,bias,match", [
+    (torch.randn(M + 1, E), None, rf"router_logits: expected shape \[{M}, {E}\], got \[{M + 1}, {E}\]"),
+    (torch.randn(M, E + 1), None, rf"router_logits: expected shape \[M, {E}\], got \[{M}, {E + 1}\]"),
+    (torch.randn(E), None, rf"router_logits: expected shape \[{M}, {E}\], got \[{E}\]"),
+    (torch.randn(M, E, device="meta"), None, r"router_logits: expected device cpu .*got meta"),
+    (torch.randn(M, E), torch.zeros(E + 1), rf"correction_bias: expected shape \[{E}\], got \[{E + 1}\]"),
+])
+def test_call_bad_inputs(moe, logits, bias, match):
+    x, _, _ = good()
+    with pytest.raises(ValueError, match=match):
+        moe(x, logits, bias)
+
+
+def test_constructor_errors():
+    weights = random_weights(SPEC)
+    with pytest.raises(ValueError, match=r"spec: expected a MoESpec, got str"):
+        qmoe.MoE("gpt-oss-20b", weights, backend="reference")
+    with pytest.raises(ValueError, match=r"weights: expected an ExpertWeights, got dict"):
+        qmoe.MoE(SPEC, {}, backend="reference")
+    wrong = dataclasses.replace(SPEC, hidden_size=H + 32)
+    with pytest.raises(ValueError, match=r"weights: expected \(num_experts, hidden_size, intermediate_size\) = "
+                                         rf"\({E}, {H + 32}, 32\) from the spec, got \({E}, {H}, 32\)"):
+        qmoe.MoE(wrong, weights, backend="reference")
+    with pytest.raises(ValueError, match=r"backend: expected one of reference, .* or 'auto', got 'fastest'"):
+        qmoe.MoE(SPEC, weights, backend="fastest")
+
+
+def test_a_backend_that_cannot_run_says_why(monkeypatch):
+    monkeypatch.setattr(reference_module.BACKEND, "supports",
+                        lambda spec, fmt, device: Support(False, "needs a GPU; this is a test"))
+    with pytest.raises(ValueError, match=r"backend: reference cannot run format mxfp4 on cpu: needs a GPU; this is a test"):
+        qmoe.MoE(SPEC, random_weights(SPEC), backend="reference")
+
+
+def test_backend_for_and_explain(moe):
+    assert moe.backend_for(1) == "reference" and moe.backend_for(4096) == "reference"
+    assert moe.explain(16).startswith("M=16: reference")
+    assert moe.device.type == "cpu"
