@@ -26,7 +26,7 @@ from .layout import from_kernel_layout, round_up, to_kernel_layout
 
 FORMAT_CODES = {"mxfp4": K.FMT_MXFP4, "nvfp4": K.FMT_NVFP4, "int4": K.FMT_INT4}
 FORMAT_BLOCKS = {"mxfp4": 32, "nvfp4": 16, "int4": 32}
-SMALL_GROUPING_MAX = 1024
+SMALL_GROUPING_MAX = 256
 """Up to this many (token, expert) slots, grouping runs as one Triton program; above it, as
 a few PyTorch ops (sort + cumsum), whose launch cost is small next to prefill GEMMs."""
 
@@ -200,13 +200,15 @@ def group_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Grou
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
               weights: MoEKernelWeights, alpha: float, beta: float, limit: float | None,
-              cfg: KernelConfig, out: torch.Tensor, shared_output: torch.Tensor | None = None) -> torch.Tensor:
+              cfg: KernelConfig, out: torch.Tensor, shared_output: torch.Tensor | None = None,
+              stats: dict | None = None) -> torch.Tensor:
     """The MoE experts on the Triton kernels.
 
     x: [M, H] bf16 / fp16 / fp32 (contiguous rows); topk_ids: [M, k] int32 in [-1, E);
     topk_weights: [M, k] fp32; weights: MoEKernelWeights; alpha, beta, limit: SwiGLU
     (limit None = no clamp); out: [M, H] written in place (every element); shared_output:
-    [M, H] or None, added in the combine. Returns out.
+    [M, H] or None, added in the combine; stats: a dict to receive the compiled GEMM kernels'
+    registers / spills / shared memory (diagnostics). Returns out.
     """
     M, H = x.shape
     k = topk_ids.shape[1]
@@ -222,7 +224,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     has_bias1, has_bias2 = weights.b13 is not None, weights.b2 is not None
     dummy = weights.w13  # for absent optional pointers (never read)
     n1 = Ip // cfg.block_n1
-    K.moe_gemm1_kernel[(NB * n1,)](
+    k1 = K.moe_gemm1_kernel[(NB * n1,)](
         x, x.stride(0), weights.w13, weights.s13,
         weights.gs13 if weights.gs13 is not None else dummy, weights.b13 if has_bias1 else dummy,
         inter, grp.sorted_slots, grp.block_expert,
@@ -233,7 +235,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     y = torch.empty(M * k, H, dtype=torch.float32, device=x.device)
     n2 = Hp // cfg.block_n2
-    K.moe_gemm2_kernel[(NB * n2,)](
+    k2 = K.moe_gemm2_kernel[(NB * n2,)](
         inter, weights.w2, weights.s2,
         weights.gs2 if weights.gs2 is not None else dummy, weights.b2 if has_bias2 else dummy,
         y, grp.sorted_slots, grp.block_expert, topk_weights,
@@ -241,6 +243,11 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         FMT=fmt, G=G, HAS_BIAS=has_bias2,
         BM=BM, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if stats is not None:
+        for name, kern in (("gemm1", k1), ("gemm2", k2)):
+            stats[name] = {"regs": getattr(kern, "n_regs", None), "spills": getattr(kern, "n_spills", None),
+                           "shared": getattr(getattr(kern, "metadata", None), "shared", None),
+                           "grid": NB * (n1 if name == "gemm1" else n2)}
     BH = min(1024, triton.next_power_of_2(H))
     K.moe_combine_kernel[(M, triton.cdiv(H, BH))](
         y, topk_ids, shared_output if shared_output is not None else out, out, H, k,

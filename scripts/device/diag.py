@@ -1,0 +1,49 @@
+"""GPU diagnostics for the triton backend: per-kernel time (torch profiler), registers/spills,
+and a few launch configurations, at gpt-oss-120b mxfp4. Writes $OUT/diag.json."""
+import json, os, sys
+import torch
+sys.path.insert(0, "src")
+import qmoe
+from qmoe.backends import get_backend
+from qmoe.bench import random_expert_weights
+from qmoe.kernels.moe import KernelConfig, fused_moe
+from qmoe.timing import measure
+
+OUT = os.environ.get("OUT", "out")
+spec = qmoe.presets["gpt-oss-120b"]
+w = random_expert_weights(spec, "mxfp4", "cuda")
+b = get_backend("triton")
+prep = b.prepare(spec, w)
+kw, act = prep.meta["kernel_weights"], spec.activation
+CFGS = [KernelConfig(16, 32, 32, True, 4, 3), KernelConfig(16, 64, 64, True, 4, 3), KernelConfig(16, 64, 64, False, 4, 3),
+        KernelConfig(16, 128, 128, True, 4, 3), KernelConfig(16, 64, 64, True, 8, 4), KernelConfig(32, 64, 64, False, 4, 3),
+        KernelConfig(64, 128, 128, False, 8, 3), KernelConfig(128, 128, 128, False, 8, 3), KernelConfig(128, 128, 64, False, 4, 4),
+        KernelConfig(64, 64, 64, False, 4, 4)]
+res = []
+for M in (1, 16, 64, 1024, 4096):
+    g = torch.Generator(device="cuda").manual_seed(M)
+    x = torch.randn(M, 2880, device="cuda", generator=g).to(torch.bfloat16)
+    ids, tw = qmoe.route(spec, torch.randn(M, 128, device="cuda", generator=g))
+    out = torch.empty(M, 2880, dtype=torch.bfloat16, device="cuda")
+    for cfg in CFGS:
+        if cfg.block_m >= 64 and M < 256 or cfg.block_m < 32 and M >= 1024:
+            continue
+        st = {}
+        try:
+            fused_moe(x, ids, tw, kw, act.alpha, act.beta, act.limit, cfg, out, stats=st)
+            t = measure(lambda: fused_moe(x, ids, tw, kw, act.alpha, act.beta, act.limit, cfg, out), device="cuda", reps=20)
+        except Exception as e:
+            print(M, cfg, "FAILED", repr(e)[:200]); continue
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fused_moe(x, ids, tw, kw, act.alpha, act.beta, act.limit, cfg, out)
+            torch.cuda.synchronize()
+        ker = {}
+        for ev in prof.key_averages():
+            if ev.device_type == torch.autograd.DeviceType.CUDA or getattr(ev, "device_time_total", 0):
+                ker[ev.key[:40]] = round(getattr(ev, "device_time_total", 0) / 5, 1)
+        row = dict(M=M, cfg=str(cfg), us=t["median_us"], method=t["method"], stats=st, kernels=ker)
+        res.append(row)
+        print(f"M={M:5d} {t['median_us']:9.1f} us  {cfg}  g1={st.get('gemm1')} g2={st.get('gemm2')}")
+        print("      ", {k: v for k, v in ker.items() if v > 0.5})
+json.dump(res, open(f"{OUT}/diag.json", "w"), indent=1)
