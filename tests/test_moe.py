@@ -111,3 +111,68 @@ def test_backend_for_and_explain(moe):
     assert moe.backend_for(1) == "reference" and moe.backend_for(4096) == "reference"
     assert moe.explain(16).startswith("M=16: reference")
     assert moe.device.type == "cpu"
+
+
+# --- the MoE description: MoESpec, SwiGLU, Routing, presets ---------------------------------------
+
+PUBLISHED = {  # (hidden, intermediate, experts, top_k) from the model configs
+    "gpt-oss-20b": (2880, 2880, 32, 4), "gpt-oss-120b": (2880, 2880, 128, 4),
+    "deepseek-v3": (7168, 2048, 256, 8), "deepseek-v4-flash": (4096, 2048, 256, 6),
+    "kimi-k2.5": (7168, 2048, 384, 8), "qwen3-30b-a3b": (2048, 768, 128, 8),
+}
+
+
+def test_presets_have_the_published_shapes_and_parameters():
+    assert set(qmoe.presets) == set(PUBLISHED) == set(qmoe.spec.PRESET_FORMATS)
+    for name, (h, i, e, k) in PUBLISHED.items():
+        s = qmoe.presets[name]
+        assert (s.hidden_size, s.intermediate_size, s.num_experts, s.top_k) == (h, i, e, k), name
+        assert qmoe.preset(name) is s
+    for name in ("gpt-oss-20b", "gpt-oss-120b"):
+        s = qmoe.presets[name]
+        assert s.activation == qmoe.SwiGLU(alpha=1.702, beta=1.0, limit=7.0) and s.bias
+        assert s.routing.mode == "softmax" and s.routing.renormalize
+    ds3 = qmoe.presets["deepseek-v3"].routing
+    assert (ds3.mode, ds3.n_group, ds3.topk_group, ds3.routed_scaling_factor) == ("sigmoid_grouped", 8, 4, 2.5)
+    v4 = qmoe.presets["deepseek-v4-flash"]
+    assert (v4.routing.mode, v4.routing.routed_scaling_factor) == ("sqrt_softplus", 1.5)
+    assert v4.activation == qmoe.SwiGLU(alpha=1.0, beta=0.0, limit=10.0)
+    kimi = qmoe.presets["kimi-k2.5"].routing
+    assert (kimi.mode, kimi.n_group, kimi.routed_scaling_factor) == ("sigmoid_grouped", 1, 2.827)
+    qwen = qmoe.presets["qwen3-30b-a3b"]
+    assert qwen.routing.mode == "softmax" and qwen.activation == qmoe.SwiGLU() and not qwen.bias
+    assert qmoe.spec.PRESET_FORMATS["gpt-oss-120b"] == "mxfp4" and qmoe.spec.PRESET_FORMATS["kimi-k2.5"] == "int4"
+    assert qmoe.presets["gpt-oss-120b"].flops_per_token() == 2 * 4 * 3 * 2880 * 2880
+
+
+def test_specs_are_frozen_and_replace_makes_variants():
+    base = qmoe.presets["gpt-oss-20b"]
+    small = dataclasses.replace(base, hidden_size=64, intermediate_size=32)
+    assert (small.hidden_size, small.num_experts, small.activation) == (64, 32, base.activation)
+    assert base.hidden_size == 2880
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        base.top_k = 2
+    with pytest.raises(ValueError, match=r"preset: expected one of gpt-oss-20b, .*, got 'gpt-5'"):
+        qmoe.preset("gpt-5")
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: qmoe.MoESpec(0, 1, 64, 32), r"MoESpec.num_experts: expected a positive int, got 0"),
+    (lambda: qmoe.MoESpec(4, 2, 64.0, 32), r"MoESpec.hidden_size: expected a positive int, got 64.0"),
+    (lambda: qmoe.MoESpec(4, True, 64, 32), r"MoESpec.top_k: expected a positive int, got True"),
+    (lambda: qmoe.MoESpec(4, 5, 64, 32), r"MoESpec.top_k: expected <= num_experts \(4\), got 5"),
+    (lambda: qmoe.MoESpec(4, 2, 64, 32, activation="silu"), r"MoESpec.activation: expected a SwiGLU, got str"),
+    (lambda: qmoe.MoESpec(4, 2, 64, 32, routing="softmax"), r"MoESpec.routing: expected a Routing, got str"),
+    (lambda: qmoe.MoESpec(6, 2, 64, 32, routing=qmoe.Routing("sigmoid_grouped", n_group=4, topk_group=2)),
+     r"MoESpec: num_experts \(6\) must be a multiple of routing.n_group \(4\)"),
+    (lambda: qmoe.MoESpec(8, 4, 64, 32, routing=qmoe.Routing("sigmoid_grouped", n_group=4, topk_group=1)),
+     r"MoESpec: topk_group x experts per group \(1 x 2\) must be >= top_k \(4\)"),
+    (lambda: qmoe.Routing("topk"), r"Routing.mode: expected one of .*, got 'topk'"),
+    (lambda: qmoe.Routing("sigmoid_grouped", n_group=2, topk_group=3), r"need 1 <= topk_group <= n_group, got topk_group=3, n_group=2"),
+    (lambda: qmoe.Routing(routed_scaling_factor=0.0), r"Routing.routed_scaling_factor: expected a positive number, got 0.0"),
+    (lambda: qmoe.SwiGLU(limit=0.0), r"SwiGLU.limit: expected None or a positive number, got 0.0"),
+    (lambda: qmoe.SwiGLU(alpha=float("inf")), r"SwiGLU: alpha and beta must be finite"),
+])
+def test_spec_validation(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

@@ -49,6 +49,9 @@ class Routing:
     def __post_init__(self):
         if self.mode not in ROUTING_MODES:
             raise ValueError(f"Routing.mode: expected one of {ROUTING_MODES}, got {self.mode!r}")
+        if not math.isfinite(self.routed_scaling_factor) or self.routed_scaling_factor <= 0:
+            raise ValueError(f"Routing.routed_scaling_factor: expected a positive number, "
+                             f"got {self.routed_scaling_factor}")
         if self.n_group < 1 or not (1 <= self.topk_group <= self.n_group):
             raise ValueError(f"Routing: need 1 <= topk_group <= n_group, got topk_group={self.topk_group}, "
                              f"n_group={self.n_group}")
@@ -76,8 +79,12 @@ class MoESpec:
     def __post_init__(self):
         for f in ("num_experts", "top_k", "hidden_size", "intermediate_size"):
             v = getattr(self, f)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"MoESpec.{f}: expected a positive int, got {v!r}")
+        if not isinstance(self.activation, SwiGLU):
+            raise ValueError(f"MoESpec.activation: expected a SwiGLU, got {type(self.activation).__name__}")
+        if not isinstance(self.routing, Routing):
+            raise ValueError(f"MoESpec.routing: expected a Routing, got {type(self.routing).__name__}")
         if self.top_k > self.num_experts:
             raise ValueError(f"MoESpec.top_k: expected <= num_experts ({self.num_experts}), got {self.top_k}")
         if self.num_experts % self.routing.n_group:
