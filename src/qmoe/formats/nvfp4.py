@@ -28,9 +28,10 @@ def _e4m3_round_up(s: torch.Tensor) -> torch.Tensor:
     """Smallest float8_e4m3fn value >= s for s in [0, 448] (fp32 in, e4m3 out)."""
     q = s.to(torch.float8_e4m3fn)  # nearest
     low = q.float() < s
-    # the next representable value up: bump the byte (positive e4m3 bytes are monotonic)
-    bumped = (q.view(torch.uint8) + 1).view(torch.float8_e4m3fn)
-    return torch.where(low, bumped, q)
+    # the next representable value up: bump the byte (positive e4m3 bytes are monotonic);
+    # selecting on the uint8 view keeps float8 out of torch.where on every torch version
+    b = q.view(torch.uint8)
+    return torch.where(low, b + 1, b).view(torch.float8_e4m3fn)
 
 
 def quantize(x: torch.Tensor, global_scale: torch.Tensor | None = None):
@@ -53,9 +54,10 @@ def quantize(x: torch.Tensor, global_scale: torch.Tensor | None = None):
     g_b = g.reshape(*lead, 1, 1, 1) if x.dim() >= 2 else g.reshape(1, 1)
     blocks = xf.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
     amax_b = blocks.abs().amax(dim=-1, keepdim=True)
-    s = _e4m3_round_up((amax_b / (E2M1_MAX * g_b)).clamp(0, E4M3_MAX))
-    # a block holding Inf or NaN dequantizes to NaN, as mxfp4's 0xFF scale does
-    s = torch.where(torch.isfinite(amax_b), s, torch.full_like(s, float("nan")))
+    target = (amax_b / (E2M1_MAX * g_b)).clamp(0, E4M3_MAX)
+    # a block holding Inf or NaN gets a NaN scale and dequantizes to NaN, as mxfp4's 0xFF does
+    target = torch.where(torch.isfinite(amax_b), target, torch.full_like(target, float("nan")))
+    s = _e4m3_round_up(target)
     denom = s.float() * g_b
     a = torch.where(denom > 0, blocks / torch.where(denom > 0, denom, 1.0), torch.zeros_like(blocks))
     codes = e2m1_encode(a.clamp(-E2M1_MAX, E2M1_MAX)).reshape(x.shape)
