@@ -1,0 +1,94 @@
+"""`qmoe tune`: refusal without a GPU, measuring on the CPU into a table, kernel tuning hooks."""
+
+import argparse
+
+import pytest
+
+import qmoe
+from qmoe import dispatch, tune, tuning
+from qmoe.backends.reference import ReferenceBackend
+
+from conftest import random_weights
+
+TINY = ["--experts", "4", "--hidden", "64", "--intermediate", "96", "--top-k", "2"]
+
+
+class KernelTuner(ReferenceBackend):
+    """A backend whose kernels can be tuned: records what it was asked."""
+
+    asked = []
+
+    def tune(self, spec, fmt, ms, device, progress=None):
+        self.asked.append((spec.num_experts, fmt, tuple(ms), str(device)))
+        return {"configs": {"1": {"block_m": 16}}, "measured": len(ms)}
+
+
+KERNEL_TUNER = KernelTuner()
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    tune.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_refuses_without_a_gpu_unless_allowed(capsys):
+    assert tune.run(parse([*TINY, "--device", "cpu"])) == 2
+    assert "qmoe tune measures on a GPU; none here" in capsys.readouterr().err
+
+
+def test_tune_on_cpu_writes_an_entry_that_auto_then_uses(tmp_path, capsys):
+    path = tmp_path / "t.json"
+    argv = [*TINY, "--device", "cpu", "--allow-cpu", "--tokens", "4,1", "--backend", "reference,triton,nope",
+            "--reps", "3", "--warmup", "1", "--tuning-file", str(path)]
+    assert tune.run(parse(argv)) == 0
+    out = capsys.readouterr().out
+    assert f"wrote 1 entry to {path}" in out
+    (key, entry), = tuning.read_table(path)["entries"].items()
+    assert entry["shape"] == {"num_experts": 4, "hidden_size": 64, "intermediate_size": 96, "top_k": 2}
+    assert entry["format"] == "mxfp4" and entry["gpu"] == "cpu"
+    assert set(entry["times_us"]) == {"reference"} and set(entry["times_us"]["reference"]) == {"1", "4"}
+    assert all(t > 0 for t in entry["times_us"]["reference"].values())
+    assert entry["methods"] == {"reference": "wall"} and entry["layout_bytes"] == {"reference": 0}
+    assert set(entry["excluded"]) == {"triton", "nope"}
+    assert "ValueError" in entry["excluded"]["nope"]  # get_backend rejects unknown names
+
+    spec = qmoe.MoESpec(4, 2, 64, 96)
+    plan = dispatch.make_plan(spec, random_weights(spec), tuning_table=path)
+    assert plan.backend_for(2) == "reference"
+    assert plan.explain(2).startswith("M=2: reference (measured at M=1 on cpu: reference ")
+
+
+def test_kernels_flag_calls_backend_tune_and_reports_it(tmp_path, capsys):
+    KernelTuner.asked.clear()
+    argv = [*TINY, "--allow-cpu", "--device", "cpu", "--tokens", "1", "--reps", "3", "--warmup", "0",
+            "--backend", "test_tune:KERNEL_TUNER", "--format", "int4", "--kernels", "--tuning-file",
+            str(tmp_path / "t.json")]
+    assert tune.run(parse(argv)) == 0
+    assert KernelTuner.asked == [(4, "int4", (1,), "cpu")]
+    out = capsys.readouterr().out
+    assert 'test_tune:KERNEL_TUNER kernel tuning for custom int4: {"configs": {"1": {"block_m": 16}}, ' \
+           '"measured": 1}' in out
+
+    argv[argv.index("test_tune:KERNEL_TUNER")] = "reference"
+    assert tune.run(parse(argv)) == 0
+    assert "kernel tuning unavailable for custom int4: no usable backend offers it" in capsys.readouterr().out
+
+
+def test_problems_from_arguments():
+    assert [(s.name, f) for s, f in tune.problems_from_args(parse([]))] == \
+        [(n, qmoe.spec.PRESET_FORMATS[n]) for n in qmoe.presets]
+    got = tune.problems_from_args(parse(["--preset", "gpt-oss-20b,kimi-k2.5", "--format", "mxfp4,int4"]))
+    assert [(s.name, f) for s, f in got] == [("gpt-oss-20b", "mxfp4"), ("gpt-oss-20b", "int4"),
+                                             ("kimi-k2.5", "mxfp4"), ("kimi-k2.5", "int4")]
+    assert len(tune.problems_from_args(parse(["--preset", "gpt-oss-20b", "--format", "all"]))) == len(qmoe.FORMATS)
+    with pytest.raises(ValueError, match="expected all four together, got experts=4, hidden=64, "
+                                         "intermediate=None, top-k=None"):
+        tune.problems_from_args(parse(["--experts", "4", "--hidden", "64"]))
+    with pytest.raises(ValueError, match="--preset: expected one of"):
+        tune.problems_from_args(parse(["--preset", "gpt-5"]))
+    with pytest.raises(ValueError, match="--format: expected one of"):
+        tune.problems_from_args(parse(["--format", "fp8"]))
+    with pytest.raises(ValueError, match="--tokens: expected comma-separated integers >= 1, got '0,4'"):
+        tune._parse_tokens("0,4")
+    assert tune._parse_tokens("16,1,4") == (1, 4, 16)
