@@ -1,7 +1,5 @@
 """bf16: unquantized weights (reference / comparison); data is the bf16 tensor itself."""
 
-import torch
-
 NAME = "bf16"
 BLOCK = 1
 SCALE_DTYPE = None

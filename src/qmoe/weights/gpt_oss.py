@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from ..formats import QuantizedTensor
+
+if TYPE_CHECKING:  # a runtime import would be circular: weights/__init__ imports this module
+    from . import ExpertWeights
 
 _P = "model.layers.{layer}.mlp."
 _INDEX = "model.safetensors.index.json"
@@ -29,7 +32,7 @@ _INDEX = "model.safetensors.index.json"
 class GptOssLayer(NamedTuple):
     """weights: ExpertWeights (mxfp4); router_weight: [E, H] float; router_bias: [E] float."""
 
-    weights: "ExpertWeights"  # noqa: F821
+    weights: "ExpertWeights"
     router_weight: torch.Tensor
     router_bias: torch.Tensor
 
