@@ -417,6 +417,7 @@ def check_backend(name: str, problems: list, cases: list, *, device: str, tolera
                 if kind == "hello":
                     out["env"] = out["env"] or ev.get("env")
                 elif kind == "unusable":
+                    events.close()  # ends the worker now, before its folder goes
                     out.update(usable=False, reason=ev["reason"])
                     for i in range(start, len(cases)):
                         record(i, {"status": "skip", "detail": f"not usable: {ev['reason']}"})
