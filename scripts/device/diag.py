@@ -15,18 +15,19 @@ w = random_expert_weights(spec, "mxfp4", "cuda")
 b = get_backend("triton")
 prep = b.prepare(spec, w)
 kw, act = prep.meta["kernel_weights"], spec.activation
-CFGS = [KernelConfig(16, 32, 32, True, 4, 3), KernelConfig(16, 64, 64, True, 4, 3), KernelConfig(16, 64, 64, False, 4, 3),
-        KernelConfig(16, 128, 128, True, 4, 3), KernelConfig(16, 64, 64, True, 8, 4), KernelConfig(32, 64, 64, False, 4, 3),
-        KernelConfig(64, 128, 128, False, 8, 3), KernelConfig(128, 128, 128, False, 8, 3), KernelConfig(128, 128, 64, False, 4, 4),
-        KernelConfig(64, 64, 64, False, 4, 4)]
+CFGS = [KernelConfig(16, 32, 32, True, 4, 3), KernelConfig(16, 64, 64, True, 4, 3), KernelConfig(16, 64, 64, True, 4, 4),
+        KernelConfig(16, 64, 64, False, 4, 3), KernelConfig(16, 128, 128, True, 4, 3), KernelConfig(16, 128, 128, True, 8, 3),
+        KernelConfig(32, 64, 64, True, 4, 3), KernelConfig(32, 128, 128, True, 4, 3), KernelConfig(64, 64, 64, True, 4, 3),
+        KernelConfig(64, 128, 128, True, 8, 3), KernelConfig(64, 128, 128, False, 8, 3), KernelConfig(128, 128, 128, False, 8, 3),
+        KernelConfig(128, 128, 128, True, 8, 3), KernelConfig(128, 256, 128, True, 8, 3), KernelConfig(128, 128, 64, True, 4, 4)]
 res = []
-for M in (1, 16, 64, 1024, 4096):
+for M in [int(v) for v in os.environ.get('DIAG_MS', '1,4,16,64,256,1024,4096,8192').split(',')]:
     g = torch.Generator(device="cuda").manual_seed(M)
     x = torch.randn(M, 2880, device="cuda", generator=g).to(torch.bfloat16)
     ids, tw = qmoe.route(spec, torch.randn(M, 128, device="cuda", generator=g))
     out = torch.empty(M, 2880, dtype=torch.bfloat16, device="cuda")
     for cfg in CFGS:
-        if cfg.block_m >= 64 and M < 256 or cfg.block_m < 32 and M >= 1024:
+        if cfg.block_m >= 64 and M < 256 or cfg.block_m < 32 and M >= 1024 or cfg.block_m == 16 and M >= 256:
             continue
         st = {}
         try:
@@ -44,6 +45,8 @@ for M in (1, 16, 64, 1024, 4096):
                 ker[ev.key[:40]] = round(getattr(ev, "device_time_total", 0) / 5, 1)
         row = dict(M=M, cfg=str(cfg), us=t["median_us"], method=t["method"], stats=st, kernels=ker)
         res.append(row)
-        print(f"M={M:5d} {t['median_us']:9.1f} us  {cfg}  g1={st.get('gemm1')} g2={st.get('gemm2')}")
-        print("      ", {k: v for k, v in ker.items() if v > 0.5})
+        short = {k.replace("moe_", "").replace("_kernel", ""): v for k, v in ker.items() if k.startswith("moe_")}
+        sp = (st["gemm1"]["regs"], st["gemm1"]["spills"], st["gemm2"]["regs"], st["gemm2"]["spills"])
+        print(f"M={M:5d} {t['median_us']:9.1f} us bm{cfg.block_m} n{cfg.block_n1}/{cfg.block_n2} sw{int(cfg.swap)} "
+              f"w{cfg.num_warps} s{cfg.num_stages} regs/spills {sp} {short}")
 json.dump(res, open(f"{OUT}/diag.json", "w"), indent=1)

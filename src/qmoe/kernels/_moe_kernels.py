@@ -2,8 +2,15 @@
 
 Formats (FMT constexpr): 0 = mxfp4 (E2M1 + E8M0 per 32), 1 = nvfp4 (E2M1 + E4M3 per 16,
 fp32 global scale per expert), 2 = int4 (signed int4 + bf16 per 32). Weights are in the
-split-nibble layout of kernels/layout.py: per 128-wide K tile, a row's 64 bytes hold the
-tile's first 64 elements in the low nibbles and the last 64 in the high nibbles.
+layout of kernels/layout.py: K in chunks of 2G elements; a row's G bytes of a chunk hold
+the chunk's first G elements in their low nibbles and the last G in their high nibbles,
+so each nibble half is one scale group.
+
+Decoding is the hot spot: at decode batch sizes the kernels are bound by integer ops per
+weight, not by bytes. On a GPU (ASM=True) four packed bytes become eight bf16 values with
+byte permutes, shifts and 3-input logic ops on 32-bit words and one bf16x2 multiply per
+pair (about 3 instructions per weight instead of ~13); the interpreter (ASM=False) runs
+the same arithmetic element by element in fp32.
 """
 
 import triton
@@ -15,6 +22,42 @@ FMT_INT4 = 2
 
 _TWO_POW_126 = tl.constexpr(8.507059173023462e37)
 _TWO_POW_120 = tl.constexpr(1.329227995784916e36)
+
+# 4 packed bytes ($4) and the two halves' scales ($5, $6 and $7, $8: bf16x2) -> low-nibble values
+# ($0, $1) and high-nibble values ($2, $3), each 4 bf16. E2M1 magnitude bits go to the low
+# exponent bits and top mantissa bit of a bf16 (value x 2^-126, exact incl. the subnormal
+# 0.5), the sign to bit 15; x 2^126 (0x7E80) restores the value, x scale applies the block.
+_ASM_E2M1 = """
+{
+.reg .b32 t0, t1, a, b, k;
+mov.b32 k, 0x7E807E80;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+shl.b32 a, t0, 6;  shl.b32 b, t0, 12; and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA;
+mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $0, a, $5;
+shl.b32 a, t1, 6;  shl.b32 b, t1, 12; and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA;
+mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $1, a, $6;
+shl.b32 a, t0, 2;  shl.b32 b, t0, 8;  and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA;
+mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $2, a, $7;
+shl.b32 a, t1, 2;  shl.b32 b, t1, 8;  and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA;
+mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $3, a, $8;
+}
+"""
+
+# int4: bf16 0x4300 | u is 128 + u exactly for u < 128; u = code ^ 8 maps -8..7 to 0..15,
+# so (0x4300 | (code ^ 8)) - 136 is the signed value; then x scale.
+_ASM_INT4 = """
+{
+.reg .b32 t0, t1, a, k;
+mov.b32 k, 0x43084308;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+and.b32 a, t0, 0x000F000F; xor.b32 a, a, 0x43084308; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $0, a, $5;
+and.b32 a, t1, 0x000F000F; xor.b32 a, a, 0x43084308; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $1, a, $6;
+shr.b32 a, t0, 4; and.b32 a, a, 0x000F000F; xor.b32 a, a, 0x43084308; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $2, a, $7;
+shr.b32 a, t1, 4; and.b32 a, a, 0x000F000F; xor.b32 a, a, 0x43084308; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $3, a, $8;
+}
+"""
 
 
 @triton.jit
@@ -40,49 +83,45 @@ def _scale_to_f32(s, FMT: tl.constexpr):
 
 
 @triton.jit
-def _dequant_half(b, s, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, HI: tl.constexpr):
-    """One half (64 elements) of a K tile: b [BN, 64] uint32 bytes, s [BN, 64 // G] fp32 scales
-    -> [BN, 64] fp32 weights."""
-    if HI:
-        c = b >> 4
+def _load_chunk(w_rows, s_rows, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+                CDT: tl.constexpr, ASM: tl.constexpr):
+    """Chunk c (2G elements) of BN rows -> (lo, hi): [BN, G] each in CDT, scales applied.
+
+    w_rows: [BN, 1] pointers to each row's packed bytes; s_rows: [BN, 1] pointers to its scales."""
+    b = tl.load(w_rows + (c * G + tl.arange(0, G))[None, :])            # [BN, G] uint8
+    s_lo = _scale_to_f32(tl.load(s_rows + 2 * c).to(tl.uint32), FMT)    # [BN, 1]
+    s_hi = _scale_to_f32(tl.load(s_rows + 2 * c + 1).to(tl.uint32), FMT)
+    if ASM:
+        slo = tl.broadcast_to(s_lo.to(tl.bfloat16), (BN, G))
+        shi = tl.broadcast_to(s_hi.to(tl.bfloat16), (BN, G))
+        if FMT == 2:
+            lo, hi = tl.inline_asm_elementwise(_ASM_INT4, "=r,=r,=r,=r,r,r,r,r,r", [b, slo, shi],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(_ASM_E2M1, "=r,=r,=r,=r,r,r,r,r,r", [b, slo, shi],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        return lo, hi
     else:
-        c = b & 0xF
-    if FMT == 2:
-        v = ((c ^ 8).to(tl.int32) - 8).to(tl.float32)
-    else:
-        v = _e2m1_to_f32(c)
-    v = tl.reshape(v, (BN, 64 // G, G)) * s[:, :, None]
-    return tl.reshape(v, (BN, 64))
+        b32 = b.to(tl.uint32)
+        c_lo = b32 & 0xF
+        c_hi = b32 >> 4
+        if FMT == 2:
+            v_lo = ((c_lo ^ 8).to(tl.int32) - 8).to(tl.float32)
+            v_hi = ((c_hi ^ 8).to(tl.int32) - 8).to(tl.float32)
+        else:
+            v_lo = _e2m1_to_f32(c_lo)
+            v_hi = _e2m1_to_f32(c_hi)
+        return (v_lo * s_lo).to(CDT), (v_hi * s_hi).to(CDT)
 
 
 @triton.jit
-def _load_tile(w_row_ptr, s_row_ptr, k0, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
-               CDT: tl.constexpr):
-    """Load and dequantize one 128-wide K tile of BN rows.
-
-    w_row_ptr: [BN, 1] pointers to each row's packed bytes; s_row_ptr: [BN, 1] pointers to
-    each row's scales. Returns (lo, hi): [BN, 64] each in CDT (the first / last 64 elements)."""
-    NS: tl.constexpr = 64 // G
-    b = tl.load(w_row_ptr + (k0 // 2 + tl.arange(0, 64))[None, :]).to(tl.uint32)
-    sg = k0 // G
-    s_lo = _scale_to_f32(tl.load(s_row_ptr + (sg + tl.arange(0, NS))[None, :]).to(tl.uint32), FMT)
-    s_hi = _scale_to_f32(tl.load(s_row_ptr + (sg + NS + tl.arange(0, NS))[None, :]).to(tl.uint32), FMT)
-    lo = _dequant_half(b, s_lo, BN, FMT, G, False).to(CDT)
-    hi = _dequant_half(b, s_hi, BN, FMT, G, True).to(CDT)
-    return lo, hi
-
-
-@triton.jit
-def _mma(acc, a_lo, a_hi, w_lo, w_hi, SWAP: tl.constexpr):
-    """acc += a @ w.T over one K tile; with SWAP the accumulator is transposed ([BN, BM]) so the
-    dequantized weight is the MMA's first operand."""
+def _mma(acc, a, w, SWAP: tl.constexpr):
+    """acc += a @ w.T; with SWAP the accumulator is transposed ([BN, BM]) so the dequantized
+    weight is the MMA's first operand (from registers) and the gathered rows the second."""
     if SWAP:
-        acc = tl.dot(w_lo, tl.trans(a_lo), acc)
-        acc = tl.dot(w_hi, tl.trans(a_hi), acc)
+        return tl.dot(w, tl.trans(a), acc)
     else:
-        acc = tl.dot(a_lo, tl.trans(w_lo), acc)
-        acc = tl.dot(a_hi, tl.trans(w_hi), acc)
-    return acc
+        return tl.dot(a, tl.trans(w), acc)
 
 
 @triton.jit
@@ -94,12 +133,12 @@ def moe_gemm1_kernel(
     H, Ip, Kp, top_k, n_tiles,
     alpha, beta, limit,
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
 ):
     """GEMM1 + SwiGLU: for one block of BM sorted token slots of one expert and BN intermediate
     columns, gather the tokens' rows of x (no permuted copy), multiply by the gate and up rows
     of w13 dequantized in registers, add b13, apply SwiGLU, store bf16 rows of the intermediate.
-    Bytes moved per program: 2 * BN * Kp/2 weight bytes + their scales, BM * H activations."""
+    Bytes per program: 2 * BN * Kp / 2 weight bytes + scales, BM * H activations (L2-resident)."""
     pid = tl.program_id(0)
     blk = pid // n_tiles
     nt = pid % n_tiles
@@ -125,16 +164,18 @@ def moe_gemm1_kernel(
     else:
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    rk = tl.arange(0, 64)
-    for k0 in range(0, Kp, 128):
-        kl = k0 + rk
-        kh = k0 + 64 + rk
+    rg = tl.arange(0, G)
+    for c in range(0, Kp // (2 * G)):
+        kl = c * 2 * G + rg
+        kh = kl + G
         a_lo = tl.load(x_rows + kl[None, :], mask=valid[:, None] & (kl < H)[None, :], other=0.0).to(CDT)
         a_hi = tl.load(x_rows + kh[None, :], mask=valid[:, None] & (kh < H)[None, :], other=0.0).to(CDT)
-        g_lo, g_hi = _load_tile(wg_rows, sg_rows, k0, BN, FMT, G, CDT)
-        acc_g = _mma(acc_g, a_lo, a_hi, g_lo, g_hi, SWAP)
-        u_lo, u_hi = _load_tile(wu_rows, su_rows, k0, BN, FMT, G, CDT)
-        acc_u = _mma(acc_u, a_lo, a_hi, u_lo, u_hi, SWAP)
+        g_lo, g_hi = _load_chunk(wg_rows, sg_rows, c, BN, FMT, G, CDT, ASM)
+        acc_g = _mma(acc_g, a_lo, g_lo, SWAP)
+        acc_g = _mma(acc_g, a_hi, g_hi, SWAP)
+        u_lo, u_hi = _load_chunk(wu_rows, su_rows, c, BN, FMT, G, CDT, ASM)
+        acc_u = _mma(acc_u, a_lo, u_lo, SWAP)
+        acc_u = _mma(acc_u, a_hi, u_hi, SWAP)
     if SWAP:
         acc_g = tl.trans(acc_g)
         acc_u = tl.trans(acc_u)
@@ -160,7 +201,7 @@ def moe_gemm2_kernel(
     sorted_ptr, block_expert_ptr, topk_w_ptr,   # topk_weights flat [M * top_k] f32
     H, Hp, Ip, n_tiles,
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
 ):
     """GEMM2: one block of BM intermediate rows (one expert) times BN rows of w2, plus b2,
     times each slot's routing weight, stored to that slot's row of y (combined later in a
@@ -185,12 +226,13 @@ def moe_gemm2_kernel(
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-    rk = tl.arange(0, 64)
-    for k0 in range(0, Ip, 128):
-        a_lo = tl.load(a_rows + (k0 + rk)[None, :]).to(CDT)
-        a_hi = tl.load(a_rows + (k0 + 64 + rk)[None, :]).to(CDT)
-        w_lo, w_hi = _load_tile(w_rows, s_rows, k0, BN, FMT, G, CDT)
-        acc = _mma(acc, a_lo, a_hi, w_lo, w_hi, SWAP)
+    rg = tl.arange(0, G)
+    for c in range(0, Ip // (2 * G)):
+        a_lo = tl.load(a_rows + (c * 2 * G + rg)[None, :]).to(CDT)
+        a_hi = tl.load(a_rows + (c * 2 * G + G + rg)[None, :]).to(CDT)
+        w_lo, w_hi = _load_chunk(w_rows, s_rows, c, BN, FMT, G, CDT, ASM)
+        acc = _mma(acc, a_lo, w_lo, SWAP)
+        acc = _mma(acc, a_hi, w_hi, SWAP)
     if SWAP:
         acc = tl.trans(acc)
     if FMT == 1:
@@ -225,39 +267,78 @@ def moe_combine_kernel(
     tl.store(out_ptr + t * H + rh, acc.to(out_ptr.dtype.element_ty), mask=hm)
 
 
+# ---- token grouping -----------------------------------------------------------------------
+# Slots (t * k + j) are sorted by expert into blocks of BM rows, each expert padded to a
+# multiple of BM with -1. The row a slot gets inside its expert comes from atomic_add's
+# return value, so it can differ between runs; every row is computed independently and the
+# combine sums by slot index, so the output does not depend on it (bitwise).
+
 @triton.jit
-def moe_group_small_kernel(
-    ids_ptr, sorted_ptr, block_expert_ptr,   # ids [MK] i32; sorted [NB * BM] i32 (out); block_expert [NB] (out)
-    MK, E, NB,
-    BM: tl.constexpr, MK_P2: tl.constexpr, ET: tl.constexpr, NB_P2: tl.constexpr, POS_P2: tl.constexpr,
-):
-    """Token grouping in ONE program (for M * k <= MK_P2 <= 1024): sort the M * k slots by
-    expert into blocks of BM rows, each expert's rows padded to a multiple of BM with -1.
-    No host synchronization: sizes are upper bounds known from M alone."""
-    rs = tl.arange(0, MK_P2)
+def _rank_slots(ids_ptr, counts_ptr, rank_ptr, MK, start, CH: tl.constexpr):
+    rs = start + tl.arange(0, CH)
     ids = tl.load(ids_ptr + rs, mask=rs < MK, other=-1)
-    key = tl.where(ids >= 0, ids, -1)  # dropped slots match no expert (tiles hold ids >= 0)
-    rank = tl.zeros((MK_P2,), dtype=tl.int32)
-    start = tl.zeros((MK_P2,), dtype=tl.int32)
-    rb = tl.arange(0, NB_P2)
-    bexp = tl.full((NB_P2,), -1, dtype=tl.int32)
-    carry = 0
-    for e0 in range(0, E, ET):
-        re = e0 + tl.arange(0, ET)
-        onehot = (key[:, None] == re[None, :]).to(tl.int32)          # [MK_P2, ET]
-        cnt = tl.sum(onehot, axis=0)                                    # [ET]
-        padded = (cnt + BM - 1) // BM * BM
-        estart = carry + tl.cumsum(padded, axis=0) - padded            # [ET] padded start of each expert
-        carry += tl.sum(padded, axis=0)
-        before = tl.cumsum(onehot, axis=0) - onehot                    # rank among same-expert slots
-        rank += tl.sum(before * onehot, axis=1)
-        start += tl.sum(onehot * estart[None, :], axis=1)
-        bstart = estart // BM
-        bend = (estart + padded) // BM
-        inb = (rb[:, None] >= bstart[None, :]) & (rb[:, None] < bend[None, :])
-        bexp = tl.maximum(bexp, tl.max(tl.where(inb, re[None, :], -1), axis=1))
-    tl.store(block_expert_ptr + rb, bexp, mask=rb < NB)
-    rp = tl.arange(0, POS_P2)
-    tl.store(sorted_ptr + rp, tl.full((POS_P2,), -1, dtype=tl.int32), mask=rp < NB * BM)
-    tl.debug_barrier()  # the padding fill above must land before the real slots below
-    tl.store(sorted_ptr + start + rank, rs, mask=key >= 0)
+    ok = ids >= 0
+    r = tl.atomic_add(counts_ptr + tl.where(ok, ids, 0), 1, mask=ok)
+    tl.store(rank_ptr + rs, r, mask=ok)
+
+
+@triton.jit
+def _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB,
+                   BM: tl.constexpr, E_P2: tl.constexpr, NBT: tl.constexpr, FT: tl.constexpr):
+    """Padded start row of each expert; the expert of every block; -1 in every sorted row."""
+    re = tl.arange(0, E_P2)
+    cnt = tl.load(counts_ptr + re, mask=re < E, other=0, cache_modifier=".cg")
+    padded = (cnt + BM - 1) // BM * BM
+    end = tl.cumsum(padded, axis=0)
+    tl.store(starts_ptr + re, end - padded, mask=re < E)
+    bend = tl.where(re < E, end // BM, 2147483647)
+    nreal = tl.sum(padded, axis=0) // BM
+    for b0 in range(0, NB, NBT):
+        rb = b0 + tl.arange(0, NBT)
+        # a block's expert = how many experts end at or before it (experts are contiguous)
+        be = tl.sum((bend[None, :] <= rb[:, None]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + rb, tl.where(rb < nreal, be, -1), mask=rb < NB)
+    for p0 in range(0, NB * BM, FT):
+        rp = p0 + tl.arange(0, FT)
+        tl.store(sorted_ptr + rp, tl.full((FT,), -1, dtype=tl.int32), mask=rp < NB * BM)
+
+
+@triton.jit
+def _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, start, CH: tl.constexpr):
+    rs = start + tl.arange(0, CH)
+    ids = tl.load(ids_ptr + rs, mask=rs < MK, other=-1)
+    ok = ids >= 0
+    r = tl.load(rank_ptr + rs, mask=ok, other=0)
+    st = tl.load(starts_ptr + tl.where(ok, ids, 0), mask=ok, other=0, cache_modifier=".cg")
+    tl.store(sorted_ptr + st + r, rs, mask=ok)
+
+
+@triton.jit
+def moe_group_small_kernel(ids_ptr, counts_ptr, starts_ptr, rank_ptr, sorted_ptr, block_expert_ptr,
+                           MK, E, NB, BM: tl.constexpr, CH: tl.constexpr, E_P2: tl.constexpr,
+                           NBT: tl.constexpr, FT: tl.constexpr):
+    """All of the grouping in one program (M * k <= CH): for decode, one launch."""
+    re = tl.arange(0, E_P2)
+    tl.store(counts_ptr + re, tl.zeros((E_P2,), dtype=tl.int32), mask=re < E)
+    tl.debug_barrier()
+    _rank_slots(ids_ptr, counts_ptr, rank_ptr, MK, 0, CH)
+    tl.debug_barrier()
+    _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB, BM, E_P2, NBT, FT)
+    tl.debug_barrier()
+    _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, 0, CH)
+
+
+@triton.jit
+def moe_rank_kernel(ids_ptr, counts_ptr, rank_ptr, MK, CH: tl.constexpr):
+    _rank_slots(ids_ptr, counts_ptr, rank_ptr, MK, tl.program_id(0) * CH, CH)
+
+
+@triton.jit
+def moe_starts_kernel(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB,
+                      BM: tl.constexpr, E_P2: tl.constexpr, NBT: tl.constexpr, FT: tl.constexpr):
+    _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB, BM, E_P2, NBT, FT)
+
+
+@triton.jit
+def moe_place_kernel(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, CH: tl.constexpr):
+    _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, tl.program_id(0) * CH, CH)

@@ -7,13 +7,15 @@ Kernel layout ("split-nibble K tiles"), per matrix [E, N, K]:
 - K is padded with zero codes to Kp, a multiple of KT = 128; N to Np (a multiple of 128)
   with zero rows. For w13 the gate and up halves are padded separately, so rows are
   [gate (I -> Ip); up (I -> Ip)] and the padded intermediate columns compute exactly 0.
-- In each 128-element K tile, byte j (0..63) holds element j in its LOW nibble and
-  element 64 + j in its HIGH nibble. So one 64-byte load per row gives two contiguous
-  64-element halves of the tile: the kernel masks or shifts out one half and multiplies
-  it with one contiguous 64-column slice of the activations: no interleave in registers.
-- Scales keep their canonical order [E, Np, Kp/G] (the low half of a tile uses the first
-  KT/(2G) scales of that tile, the high half the next ones), stored as raw bytes:
-  uint8 (E8M0 for mxfp4, E4M3 bits for nvfp4) or int16 (bf16 bits for int4).
+- K is cut into chunks of 2G elements (G = the scale block: 64 for mxfp4 / int4, 32 for
+  nvfp4). In a chunk, byte j (0..G-1) holds element j in its LOW nibble and element G + j
+  in its HIGH nibble. So one G-byte load per row gives two contiguous halves, and each
+  half is exactly one scale group: the kernel decodes a half with a single per-row scale
+  (a broadcast, no reshape) and multiplies it with one contiguous G-column slice of the
+  activations; no interleave in registers.
+- Scales keep their canonical order [E, Np, Kp/G] (chunk c's low half uses scale 2c, its
+  high half scale 2c + 1), stored as raw bytes: uint8 (E8M0 for mxfp4, E4M3 bits for
+  nvfp4) or int16 (bf16 bits for int4).
 
 `to_kernel_layout` and `from_kernel_layout` are inverses (tests round-trip them).
 """
@@ -49,6 +51,11 @@ def _pad_rows_cols(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return out
 
 
+def chunk_of(block: int) -> int:
+    """Elements per nibble-split chunk for a scale block size (two groups)."""
+    return 2 * block
+
+
 def to_kernel_layout(data: torch.Tensor, scales: torch.Tensor, block: int, halves: int = 1):
     """Canonical -> kernel layout for one weight matrix stack.
 
@@ -63,13 +70,14 @@ def to_kernel_layout(data: torch.Tensor, scales: torch.Tensor, block: int, halve
     K = 2 * K2
     nh = N // halves
     nhp, Kp = round_up(nh, PAD), round_up(K, KT)
+    C = chunk_of(block)
     raw = _raw_scales(scales)
     out_d = torch.empty(E, halves * nhp, Kp // 2, dtype=torch.uint8, device=data.device)
     out_s = torch.empty(E, halves * nhp, Kp // block, dtype=raw.dtype, device=data.device)
     for e in range(E):
         codes = _unpack(data[e])
         for h in range(halves):
-            c = _pad_rows_cols(codes[h * nh:(h + 1) * nh], nhp, Kp).view(nhp, Kp // KT, 2, KT // 2)
+            c = _pad_rows_cols(codes[h * nh:(h + 1) * nh], nhp, Kp).view(nhp, Kp // C, 2, C // 2)
             out_d[e, h * nhp:(h + 1) * nhp] = (c[:, :, 0] | (c[:, :, 1] << 4)).view(nhp, Kp // 2)
             out_s[e, h * nhp:(h + 1) * nhp] = _pad_rows_cols(raw[e, h * nh:(h + 1) * nh], nhp, Kp // block)
     return out_d, out_s
@@ -86,9 +94,10 @@ def from_kernel_layout(data: torch.Tensor, scales: torch.Tensor, n: int, k: int,
     E, Np, Kp2 = data.shape
     Kp = 2 * Kp2
     nhp, nh = Np // halves, n // halves
-    codes = data.view(E, Np, Kp // KT, KT // 2)
+    C = chunk_of(block)
+    codes = data.view(E, Np, Kp // C, C // 2)
     lo, hi = codes & 0xF, codes >> 4
-    full = torch.stack((lo, hi), dim=3).view(E, Np, Kp)  # each tile: [low-nibble half | high half]
+    full = torch.stack((lo, hi), dim=3).view(E, Np, Kp)  # each chunk: [low-nibble half | high half]
     rows = torch.cat([full[:, h * nhp:h * nhp + nh, :k] for h in range(halves)], dim=1)
     packed = rows[..., 0::2] | (rows[..., 1::2] << 4)
     s = torch.cat([scales[:, h * nhp:h * nhp + nh, : k // block] for h in range(halves)], dim=1)

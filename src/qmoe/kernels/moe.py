@@ -162,6 +162,7 @@ def group_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Grou
     """Sort (token, expert) slots by expert, each expert padded to a multiple of block_m rows.
 
     topk_ids: [M, k] int32, values in [-1, E) (-1: no expert, the slot is dropped).
+    One Triton program for up to SMALL_GROUPING_MAX slots, else three small kernels.
     """
     MK = topk_ids.numel()
     E = num_experts
@@ -170,31 +171,23 @@ def group_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Grou
     sorted_slots = torch.empty(NB * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(NB, dtype=torch.int32, device=dev)
     ids = topk_ids.reshape(-1)
+    e_p2 = max(16, triton.next_power_of_2(E))
+    nbt = max(1, min(64, 8192 // e_p2))
     if MK <= SMALL_GROUPING_MAX:
+        scratch = torch.empty(2 * E + MK, dtype=torch.int32, device=dev)
+        counts, starts, rank = scratch[:E], scratch[E:2 * E], scratch[2 * E:]
         K.moe_group_small_kernel[(1,)](
-            ids, sorted_slots, block_expert, MK, E, NB,
-            BM=block_m, MK_P2=max(16, triton.next_power_of_2(MK)), ET=min(64, triton.next_power_of_2(E)),
-            NB_P2=max(16, triton.next_power_of_2(NB)), POS_P2=max(16, triton.next_power_of_2(NB * block_m)),
-            num_warps=4)
+            ids, counts, starts, rank, sorted_slots, block_expert, MK, E, NB,
+            BM=block_m, CH=max(16, triton.next_power_of_2(MK)), E_P2=e_p2, NBT=nbt, FT=1024, num_warps=4)
         return Grouping(sorted_slots, block_expert, block_m)
-    # large M: PyTorch ops (all sizes fixed by M, no host sync)
-    key = torch.where(ids >= 0, ids, E).long()
-    counts = torch.zeros(E + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))[:E]
-    padded = (counts + block_m - 1) // block_m * block_m
-    pend = torch.cumsum(padded, 0)
-    pstart = pend - padded
-    ustart = torch.cumsum(counts, 0) - counts
-    order = torch.argsort(key, stable=True)
-    skey = key[order]
-    ek = skey.clamp(max=E - 1)
-    pos = pstart[ek] + torch.arange(MK, device=dev) - ustart[ek]
-    pos = torch.where(skey < E, pos, NB * block_m)  # dropped slots go to a spill element
-    buf = torch.full((NB * block_m + 1,), -1, dtype=torch.int32, device=dev)
-    buf.scatter_(0, pos, order.to(torch.int32))
-    sorted_slots.copy_(buf[:-1])
-    b = torch.arange(NB, device=dev)
-    be = torch.searchsorted(pend // block_m, b, right=True)
-    block_expert.copy_(torch.where(be < E, be, -1).to(torch.int32))
+    counts = torch.zeros(E, dtype=torch.int32, device=dev)
+    starts = torch.empty(E, dtype=torch.int32, device=dev)
+    rank = torch.empty(MK, dtype=torch.int32, device=dev)
+    ch = 1024
+    K.moe_rank_kernel[(triton.cdiv(MK, ch),)](ids, counts, rank, MK, CH=ch, num_warps=4)
+    K.moe_starts_kernel[(1,)](counts, starts, block_expert, sorted_slots, E, NB,
+                              BM=block_m, E_P2=e_p2, NBT=nbt, FT=4096, num_warps=8)
+    K.moe_place_kernel[(triton.cdiv(MK, ch),)](ids, rank, starts, sorted_slots, MK, CH=ch, num_warps=4)
     return Grouping(sorted_slots, block_expert, block_m)
 
 
@@ -216,7 +209,8 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         return out
     E, Ip, Hp = weights.E, weights.Ip, weights.Hp
     fmt, G = FORMAT_CODES[weights.fmt], FORMAT_BLOCKS[weights.fmt]
-    cdt = tl.float32 if interpreted() else tl.bfloat16
+    interp = interpreted()
+    cdt = tl.float32 if interp else tl.bfloat16
     BM = cfg.block_m
     grp = group_tokens(topk_ids, E, BM)
     NB = grp.num_blocks
@@ -231,7 +225,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         H, Ip, Hp, k, n1,
         float(alpha), float(beta), float(limit) if limit is not None else 0.0,
         FMT=fmt, G=G, HAS_BIAS=has_bias1, HAS_LIMIT=limit is not None,
-        BM=BM, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt,
+        BM=BM, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     y = torch.empty(M * k, H, dtype=torch.float32, device=x.device)
     n2 = Hp // cfg.block_n2
@@ -241,7 +235,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         y, grp.sorted_slots, grp.block_expert, topk_weights,
         H, Hp, Ip, n2,
         FMT=fmt, G=G, HAS_BIAS=has_bias2,
-        BM=BM, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt,
+        BM=BM, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if stats is not None:
         for name, kern in (("gemm1", k1), ("gemm2", k2)):
