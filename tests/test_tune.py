@@ -6,6 +6,7 @@ import pytest
 
 import qmoe
 from qmoe import dispatch, tune, tuning
+from qmoe.backends import Support
 from qmoe.backends.reference import ReferenceBackend
 
 from conftest import random_weights
@@ -23,7 +24,12 @@ class KernelTuner(ReferenceBackend):
         return {"configs": {"1": {"block_m": 16}}, "measured": len(ms)}
 
 
-KERNEL_TUNER = KernelTuner()
+class Unsupported(ReferenceBackend):
+    def supports(self, spec, fmt, device):
+        return Support(False, "needs SM90; this is a CPU")
+
+
+KERNEL_TUNER, UNSUPPORTED = KernelTuner(), Unsupported()
 
 
 def parse(argv):
@@ -39,7 +45,7 @@ def test_refuses_without_a_gpu_unless_allowed(capsys):
 
 def test_tune_on_cpu_writes_an_entry_that_auto_then_uses(tmp_path, capsys):
     path = tmp_path / "t.json"
-    argv = [*TINY, "--device", "cpu", "--allow-cpu", "--tokens", "4,1", "--backend", "reference,triton,nope",
+    argv = [*TINY, "--device", "cpu", "--allow-cpu", "--tokens", "4,1", "--backend", "reference,test_tune:UNSUPPORTED,nope",
             "--reps", "3", "--warmup", "1", "--tuning-file", str(path)]
     assert tune.run(parse(argv)) == 0
     out = capsys.readouterr().out
@@ -50,8 +56,8 @@ def test_tune_on_cpu_writes_an_entry_that_auto_then_uses(tmp_path, capsys):
     assert set(entry["times_us"]) == {"reference"} and set(entry["times_us"]["reference"]) == {"1", "4"}
     assert all(t > 0 for t in entry["times_us"]["reference"].values())
     assert entry["methods"] == {"reference": "wall"} and entry["layout_bytes"] == {"reference": 0}
-    assert set(entry["excluded"]) == {"triton", "nope"}
-    assert "ValueError" in entry["excluded"]["nope"]  # get_backend rejects unknown names
+    assert entry["excluded"]["test_tune:UNSUPPORTED"] == "needs SM90; this is a CPU"
+    assert entry["excluded"]["nope"].startswith("not usable: ValueError: backend: expected one of")
 
     spec = qmoe.MoESpec(4, 2, 64, 96)
     plan = dispatch.make_plan(spec, random_weights(spec), tuning_table=path)
