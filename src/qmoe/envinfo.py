@@ -125,17 +125,16 @@ def print_report(info: dict) -> None:
 
     table = Table(title=f"backends for {info['probe']['preset']} shapes on {info['probe']['device']}")
     table.add_column("backend", style="bold", no_wrap=True)
-    table.add_column("usable formats")
+    table.add_column("formats", max_width=18)
+    table.add_column("usable", no_wrap=True)
     table.add_column("why / why not", overflow="fold")
     for name, per_fmt in info["backends"].items():
-        usable = [f for f, s in per_fmt.items() if s["usable"]]
-        # formats sharing a reason are listed together: most backends give one reason for all
-        by_reason: dict[str, list[str]] = {}
+        # formats sharing an answer share a row: most backends give one reason for several
+        groups: dict[tuple, list[str]] = {}
         for fmt, s in per_fmt.items():
-            by_reason.setdefault(s["reason"], []).append(fmt)
-        if len(by_reason) == 1:
-            why = next(iter(by_reason))
-        else:
-            why = "\n".join(f"{', '.join(fmts)}: {reason}" for reason, fmts in by_reason.items())
-        table.add_row(name, ", ".join(usable) if usable else "[red]none[/red]", escape(why))
+            groups.setdefault((s["usable"], s["reason"]), []).append(fmt)
+        for i, ((usable, reason), fmts) in enumerate(groups.items()):
+            table.add_row(name if i == 0 else "", "all" if len(fmts) == len(per_fmt) else ", ".join(fmts),
+                          "[green]yes[/green]" if usable else "[red]no[/red]", escape(reason),
+                          end_section=i == len(groups) - 1)
     console.print(table)
