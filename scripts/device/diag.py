@@ -15,11 +15,13 @@ w = random_expert_weights(spec, "mxfp4", "cuda")
 b = get_backend("triton")
 prep = b.prepare(spec, w)
 kw, act = prep.meta["kernel_weights"], spec.activation
-CFGS = [KernelConfig(16, 32, 32, True, 4, 3), KernelConfig(16, 64, 64, True, 4, 3), KernelConfig(16, 64, 64, True, 4, 4),
-        KernelConfig(16, 64, 64, False, 4, 3), KernelConfig(16, 128, 128, True, 4, 3), KernelConfig(16, 128, 128, True, 8, 3),
-        KernelConfig(32, 64, 64, True, 4, 3), KernelConfig(32, 128, 128, True, 4, 3), KernelConfig(64, 64, 64, True, 4, 3),
-        KernelConfig(64, 128, 128, True, 8, 3), KernelConfig(64, 128, 128, False, 8, 3), KernelConfig(128, 128, 128, False, 8, 3),
-        KernelConfig(128, 128, 128, True, 8, 3), KernelConfig(128, 256, 128, True, 8, 3), KernelConfig(128, 128, 64, True, 4, 4)]
+C = KernelConfig
+CFGS = [C(16, 64, 64, False, 4, 3, 2), C(16, 64, 64, False, 4, 3, 4), C(16, 64, 64, False, 4, 3, 8),
+        C(16, 64, 64, True, 4, 3, 4), C(16, 32, 32, False, 4, 3, 8), C(16, 128, 128, False, 4, 3, 4),
+        C(16, 32, 64, False, 4, 3, 4),
+        C(32, 64, 64, True, 4, 3, 4), C(32, 64, 64, False, 4, 3, 4), C(64, 64, 64, True, 4, 3, 2),
+        C(64, 64, 64, True, 4, 3, 4), C(64, 128, 128, True, 8, 3, 2),
+        C(128, 128, 128, False, 8, 3, 2), C(128, 128, 128, True, 8, 3, 2), C(128, 64, 64, True, 4, 3, 2)]
 res = []
 for M in [int(v) for v in os.environ.get('DIAG_MS', '1,4,16,64,256,1024,4096,8192').split(',')]:
     g = torch.Generator(device="cuda").manual_seed(M)
@@ -48,5 +50,5 @@ for M in [int(v) for v in os.environ.get('DIAG_MS', '1,4,16,64,256,1024,4096,819
         short = {k.replace("moe_", "").replace("_kernel", ""): v for k, v in ker.items() if k.startswith("moe_")}
         sp = (st["gemm1"]["regs"], st["gemm1"]["spills"], st["gemm2"]["regs"], st["gemm2"]["spills"])
         print(f"M={M:5d} {t['median_us']:9.1f} us bm{cfg.block_m} n{cfg.block_n1}/{cfg.block_n2} sw{int(cfg.swap)} "
-              f"w{cfg.num_warps} s{cfg.num_stages} regs/spills {sp} {short}")
+              f"w{cfg.num_warps} u{cfg.k_unroll} regs/spills {sp} {short}")
 json.dump(res, open(f"{OUT}/diag.json", "w"), indent=1)

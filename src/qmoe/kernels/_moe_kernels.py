@@ -27,7 +27,7 @@ _TWO_POW_120 = tl.constexpr(1.329227995784916e36)
 # ($0, $1) and high-nibble values ($2, $3), each 4 bf16. E2M1 magnitude bits go to the low
 # exponent bits and top mantissa bit of a bf16 (value x 2^-126, exact incl. the subnormal
 # 0.5), the sign to bit 15; x 2^126 (0x7E80) restores the value, x scale applies the block.
-_ASM_E2M1 = """
+_ASM_E2M1 = tl.constexpr("""
 {
 .reg .b32 t0, t1, a, b, k;
 mov.b32 k, 0x7E807E80;
@@ -42,11 +42,11 @@ mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $2, a, $7;
 shl.b32 a, t1, 2;  shl.b32 b, t1, 8;  and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA;
 mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $3, a, $8;
 }
-"""
+""")
 
 # int4: bf16 0x4300 | u is 128 + u exactly for u < 128; u = code ^ 8 maps -8..7 to 0..15,
 # so (0x4300 | (code ^ 8)) - 136 is the signed value; then x scale.
-_ASM_INT4 = """
+_ASM_INT4 = tl.constexpr("""
 {
 .reg .b32 t0, t1, a, k;
 mov.b32 k, 0x43084308;
@@ -57,7 +57,7 @@ and.b32 a, t1, 0x000F000F; xor.b32 a, a, 0x43084308; sub.rn.bf16x2 a, a, k; mul.
 shr.b32 a, t0, 4; and.b32 a, a, 0x000F000F; xor.b32 a, a, 0x43084308; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $2, a, $7;
 shr.b32 a, t1, 4; and.b32 a, a, 0x000F000F; xor.b32 a, a, 0x43084308; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $3, a, $8;
 }
-"""
+""")
 
 
 @triton.jit
@@ -83,14 +83,16 @@ def _scale_to_f32(s, FMT: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk(w_rows, s_rows, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+def _load_chunk(w_rows, s_rows, c, nch, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
                 CDT: tl.constexpr, ASM: tl.constexpr):
-    """Chunk c (2G elements) of BN rows -> (lo, hi): [BN, G] each in CDT, scales applied.
+    """Chunk c (2G elements) of BN rows -> (lo, hi): [BN, G] each in CDT, scales applied;
+    zeros for c >= nch (the tail of an unrolled loop).
 
     w_rows: [BN, 1] pointers to each row's packed bytes; s_rows: [BN, 1] pointers to its scales."""
-    b = tl.load(w_rows + (c * G + tl.arange(0, G))[None, :])            # [BN, G] uint8
-    s_lo = _scale_to_f32(tl.load(s_rows + 2 * c).to(tl.uint32), FMT)    # [BN, 1]
-    s_hi = _scale_to_f32(tl.load(s_rows + 2 * c + 1).to(tl.uint32), FMT)
+    ok = (tl.zeros((1, 1), dtype=tl.int32) + c) < nch  # a tensor mask (the interpreter refuses scalars)
+    b = tl.load(w_rows + (c * G + tl.arange(0, G))[None, :], mask=ok, other=0)   # [BN, G] uint8
+    s_lo = _scale_to_f32(tl.load(s_rows + 2 * c, mask=ok, other=0).to(tl.uint32), FMT)    # [BN, 1]
+    s_hi = _scale_to_f32(tl.load(s_rows + 2 * c + 1, mask=ok, other=0).to(tl.uint32), FMT)
     if ASM:
         slo = tl.broadcast_to(s_lo.to(tl.bfloat16), (BN, G))
         shi = tl.broadcast_to(s_hi.to(tl.bfloat16), (BN, G))
@@ -134,6 +136,7 @@ def moe_gemm1_kernel(
     alpha, beta, limit,
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
+    U: tl.constexpr,
 ):
     """GEMM1 + SwiGLU: for one block of BM sorted token slots of one expert and BN intermediate
     columns, gather the tokens' rows of x (no permuted copy), multiply by the gate and up rows
@@ -165,17 +168,22 @@ def moe_gemm1_kernel(
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     rg = tl.arange(0, G)
-    for c in range(0, Kp // (2 * G)):
-        kl = c * 2 * G + rg
-        kh = kl + G
-        a_lo = tl.load(x_rows + kl[None, :], mask=valid[:, None] & (kl < H)[None, :], other=0.0).to(CDT)
-        a_hi = tl.load(x_rows + kh[None, :], mask=valid[:, None] & (kh < H)[None, :], other=0.0).to(CDT)
-        g_lo, g_hi = _load_chunk(wg_rows, sg_rows, c, BN, FMT, G, CDT, ASM)
-        acc_g = _mma(acc_g, a_lo, g_lo, SWAP)
-        acc_g = _mma(acc_g, a_hi, g_hi, SWAP)
-        u_lo, u_hi = _load_chunk(wu_rows, su_rows, c, BN, FMT, G, CDT, ASM)
-        acc_u = _mma(acc_u, a_lo, u_lo, SWAP)
-        acc_u = _mma(acc_u, a_hi, u_hi, SWAP)
+    nch = Kp // (2 * G)
+    # U chunks per iteration, unrolled: their loads are independent, so several are in
+    # flight per warp (the loads feed inline asm, which Triton's pipeliner does not stage)
+    for c0 in range(0, nch, U):
+        for u in tl.static_range(U):
+            c = c0 + u
+            kl = c * 2 * G + rg
+            kh = kl + G
+            a_lo = tl.load(x_rows + kl[None, :], mask=valid[:, None] & (kl < H)[None, :], other=0.0).to(CDT)
+            a_hi = tl.load(x_rows + kh[None, :], mask=valid[:, None] & (kh < H)[None, :], other=0.0).to(CDT)
+            g_lo, g_hi = _load_chunk(wg_rows, sg_rows, c, nch, BN, FMT, G, CDT, ASM)
+            u_lo, u_hi = _load_chunk(wu_rows, su_rows, c, nch, BN, FMT, G, CDT, ASM)
+            acc_g = _mma(acc_g, a_lo, g_lo, SWAP)
+            acc_g = _mma(acc_g, a_hi, g_hi, SWAP)
+            acc_u = _mma(acc_u, a_lo, u_lo, SWAP)
+            acc_u = _mma(acc_u, a_hi, u_hi, SWAP)
     if SWAP:
         acc_g = tl.trans(acc_g)
         acc_u = tl.trans(acc_u)
@@ -202,6 +210,7 @@ def moe_gemm2_kernel(
     H, Hp, Ip, n_tiles,
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
+    U: tl.constexpr,
 ):
     """GEMM2: one block of BM intermediate rows (one expert) times BN rows of w2, plus b2,
     times each slot's routing weight, stored to that slot's row of y (combined later in a
@@ -227,12 +236,16 @@ def moe_gemm2_kernel(
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     rg = tl.arange(0, G)
-    for c in range(0, Ip // (2 * G)):
-        a_lo = tl.load(a_rows + (c * 2 * G + rg)[None, :]).to(CDT)
-        a_hi = tl.load(a_rows + (c * 2 * G + G + rg)[None, :]).to(CDT)
-        w_lo, w_hi = _load_chunk(w_rows, s_rows, c, BN, FMT, G, CDT, ASM)
-        acc = _mma(acc, a_lo, w_lo, SWAP)
-        acc = _mma(acc, a_hi, w_hi, SWAP)
+    nch = Ip // (2 * G)
+    for c0 in range(0, nch, U):
+        for u in tl.static_range(U):
+            c = c0 + u
+            kl = c * 2 * G + rg
+            a_lo = tl.load(a_rows + kl[None, :], mask=(kl < Ip)[None, :], other=0.0).to(CDT)
+            a_hi = tl.load(a_rows + (kl + G)[None, :], mask=(kl < Ip)[None, :], other=0.0).to(CDT)
+            w_lo, w_hi = _load_chunk(w_rows, s_rows, c, nch, BN, FMT, G, CDT, ASM)
+            acc = _mma(acc, a_lo, w_lo, SWAP)
+            acc = _mma(acc, a_hi, w_hi, SWAP)
     if SWAP:
         acc = tl.trans(acc)
     if FMT == 1:

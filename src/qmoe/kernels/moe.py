@@ -42,7 +42,8 @@ class KernelConfig:
 
     block_m: sorted token rows per program (16..128); block_n1 / block_n2: output columns per
     program in GEMM1 (intermediate) / GEMM2 (hidden); swap: weights as the MMA's first operand
-    (accumulator transposed), good when block_m is small; warps/stages per GEMM.
+    (accumulator transposed); k_unroll: K chunks per loop iteration (loads in flight);
+    warps/stages per GEMM.
     """
 
     block_m: int = 16
@@ -51,12 +52,15 @@ class KernelConfig:
     swap: bool = True
     num_warps: int = 4
     num_stages: int = 3
+    k_unroll: int = 4
 
     def __post_init__(self):
         for f in ("block_m", "block_n1", "block_n2"):
             v = getattr(self, f)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"KernelConfig.{f}: expected a power of two >= 16, got {v}")
+        if self.k_unroll not in (1, 2, 4, 8):
+            raise ValueError(f"KernelConfig.k_unroll: expected 1, 2, 4 or 8, got {self.k_unroll}")
 
 
 @dataclass(eq=False)
@@ -225,7 +229,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         H, Ip, Hp, k, n1,
         float(alpha), float(beta), float(limit) if limit is not None else 0.0,
         FMT=fmt, G=G, HAS_BIAS=has_bias1, HAS_LIMIT=limit is not None,
-        BM=BM, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp,
+        BM=BM, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     y = torch.empty(M * k, H, dtype=torch.float32, device=x.device)
     n2 = Hp // cfg.block_n2
@@ -235,7 +239,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         y, grp.sorted_slots, grp.block_expert, topk_weights,
         H, Hp, Ip, n2,
         FMT=fmt, G=G, HAS_BIAS=has_bias2,
-        BM=BM, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp,
+        BM=BM, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if stats is not None:
         for name, kern in (("gemm1", k1), ("gemm2", k2)):
