@@ -127,7 +127,8 @@ def test_demo_on_cpu_prints_a_table_with_the_reference_error():
     assert "E=8, top_k=4, H=256, I=256" in p.stdout  # the scaled-down gpt-oss-120b layer
 
 
-def test_demo_json_reference_matches_float64(capsys):
+def test_demo_json_reference_matches_float64(capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # what the demo sets on CPU; restored after the test
     rc = main(["demo", "--tokens", "5", "--dtype", "float32", "--device", "cpu", "--backend", "reference",
                "--preset", "deepseek-v3", "--format", "nvfp4", "--json"])
     out = json.loads(capsys.readouterr().out)
