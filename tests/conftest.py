@@ -1,11 +1,20 @@
-"""Shared test helpers: small specs and random canonical weights."""
+"""Shared test helpers: small specs and random canonical weights.
+
+Kernel tests run on the GPU when there is one, else through Triton's interpreter:
+TRITON_INTERPRET must be set before any Triton kernel is defined, so it is set here, before
+any test module imports qmoe.kernels.
+"""
 
 import dataclasses
+import os
 
 import pytest
 import torch
 
-import qmoe
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import qmoe  # noqa: E402
 
 
 def small_spec(E=4, k=2, H=64, I=32, *, bias=True, activation=None, routing=None) -> qmoe.MoESpec:

@@ -99,7 +99,7 @@ def run_bench(presets, formats, tokens, backends, *, device, reps=50, check=True
     from .envinfo import collect as env_collect
 
     device = torch.device(device)
-    res = {"env": env_collect(), "roofline": roofline(device), "cells": [], "started": time.time()}
+    res = {"env": env_collect(), "roofline": roofline(device, copy_bytes=4 << 30), "cells": [], "started": time.time()}
     roof = res["roofline"]
     if roof.get("copy_GBps"):
         log(f"roofline: copy {roof['copy_GBps']:.0f} GB/s, bf16 GEMM {roof['bf16_TFLOPs']:.0f} TFLOP/s")
