@@ -11,7 +11,6 @@ import qmoe
 from conftest import random_weights, small_spec
 from fake_flashinfer.cases import moe_inputs, rel_err, run
 from qmoe.backends import _flashinfer_compat as compat
-from qmoe.backends import flashinfer_trtllm
 from qmoe.backends.flashinfer_trtllm import BACKEND
 
 SPEC_FP4 = small_spec(E=4, k=2, H=160, I=96)               # padded to 256 / 128

@@ -128,11 +128,10 @@ class FlashInferCuteDslBackend(Backend):
         return Prepared(self.name, spec, weights.format, weights.device, t, meta)
 
     def forward(self, prepared, x, topk_ids, topk_weights, out, shared_output=None):
-        """x: [M, H] bf16; topk_ids: [M, k] int (-1 = none); topk_weights: [M, k] float;
-        out: [M, H] bf16 (written); shared_output: [M, H] or None (added). Returns out."""
+        """x: [M, H] bf16 (fp16 / fp32 are rounded to bf16: the kernel computes in bf16);
+        topk_ids: [M, k] int (-1 = none); topk_weights: [M, k] float; out: [M, H] float (written);
+        shared_output: [M, H] or None (added). Returns out."""
         fi = compat.check_prepared(prepared, self.name)
-        if x.dtype != torch.bfloat16:
-            raise ValueError(f"x: flashinfer_cutedsl W4A16 runs bf16 activations, got {x.dtype}")
         M = x.shape[0]
         if M == 0:
             return out
@@ -143,7 +142,7 @@ class FlashInferCuteDslBackend(Backend):
         buf = out if direct else torch.empty(M, Hp, dtype=torch.bfloat16, device=x.device)
         alpha, beta, limit = meta["swiglu"]
         result = fi.call(_FM, _KERNEL, {
-            "x": compat.pad_cols(x, Hp).contiguous(), "x_sf": None, "token_selected_experts": ids,
+            "x": compat.pad_cols(x.to(torch.bfloat16), Hp).contiguous(), "x_sf": None, "token_selected_experts": ids,
             "token_final_scales": w, "w1_weight": t["w13"], "w1_weight_sf": t["s13"], "w1_alpha": t["alpha13"],
             "fc2_input_scale": None, "w2_weight": t["w2"], "w2_weight_sf": t["s2"], "w2_alpha": t["alpha2"],
             "num_experts": spec.num_experts, "top_k": spec.top_k, "moe_output": buf,

@@ -119,11 +119,10 @@ class FlashInferCutlassBackend(Backend):
         return Prepared(self.name, spec, weights.format, weights.device, t, meta)
 
     def forward(self, prepared, x, topk_ids, topk_weights, out, shared_output=None):
-        """x: [M, H] bf16; topk_ids: [M, k] int (-1 = none); topk_weights: [M, k] float;
-        out: [M, H] bf16 (written); shared_output: [M, H] or None (added). Returns out."""
+        """x: [M, H] bf16 (fp16 / fp32 are rounded to bf16: the kernel computes in bf16);
+        topk_ids: [M, k] int (-1 = none); topk_weights: [M, k] float; out: [M, H] float (written);
+        shared_output: [M, H] or None (added). Returns out."""
         fi = compat.check_prepared(prepared, self.name)
-        if x.dtype != torch.bfloat16:
-            raise ValueError(f"x: flashinfer_cutlass W4A16 takes bfloat16 activations, got {x.dtype}")
         M = x.shape[0]
         if M == 0:  # some FlashInfer kernels crash on empty batches
             return out
@@ -133,7 +132,7 @@ class FlashInferCutlassBackend(Backend):
         direct = Hp == H and out.dtype == torch.bfloat16 and out.is_contiguous()
         buf = out if direct else torch.empty(M, Hp, dtype=torch.bfloat16, device=x.device)
         result = fi.call(_FM, "cutlass_fused_moe", {
-            "input": compat.pad_cols(x, Hp).contiguous(), "token_selected_experts": ids,
+            "input": compat.pad_cols(x.to(torch.bfloat16), Hp).contiguous(), "token_selected_experts": ids,
             "token_final_scales": w, "fc1_expert_weights": t["w13"], "fc2_expert_weights": t["w2"],
             "output_dtype": torch.bfloat16, "quant_scales": meta["quant_scales"],
             "fc1_expert_biases": t.get("b13"), "fc2_expert_biases": t.get("b2"),

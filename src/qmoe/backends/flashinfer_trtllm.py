@@ -190,11 +190,10 @@ class FlashInferTrtllmBackend(Backend):
         return Prepared(self.name, spec, fmt, weights.device, t, meta)
 
     def forward(self, prepared, x, topk_ids, topk_weights, out, shared_output=None):
-        """x: [M, H] bf16; topk_ids: [M, k] int (-1 = none); topk_weights: [M, k] float;
-        out: [M, H] bf16 (written); shared_output: [M, H] or None (added). Returns out."""
+        """x: [M, H] bf16 (fp16 / fp32 are rounded to bf16: the kernel computes in bf16);
+        topk_ids: [M, k] int (-1 = none); topk_weights: [M, k] float; out: [M, H] float (written);
+        shared_output: [M, H] or None (added). Returns out."""
         fi = compat.check_prepared(prepared, self.name)
-        if x.dtype != torch.bfloat16:
-            raise ValueError(f"x: flashinfer_trtllm runs bf16 activations, got {x.dtype}")
         M = x.shape[0]
         if M == 0:  # trtllm-gen kernels must not see empty batches
             return out
@@ -205,7 +204,7 @@ class FlashInferTrtllmBackend(Backend):
         direct = Hp == H and out.dtype == torch.bfloat16 and out.is_contiguous()
         buf = out if direct else torch.empty(M, Hp, dtype=torch.bfloat16, device=x.device)
         E = spec.num_experts
-        kw = {"topk_ids": routing, "hidden_states": compat.pad_cols(x, Hp).contiguous(),
+        kw = {"topk_ids": routing, "hidden_states": compat.pad_cols(x.to(torch.bfloat16), Hp).contiguous(),
               "gemm1_weights": t["w13"], "gemm1_weights_scale": t["s13"], "gemm1_alpha": t.get("alpha"),
               "gemm1_beta": t.get("beta"), "gemm1_clamp_limit": t.get("limit"), "gemm2_weights": t["w2"],
               "gemm2_weights_scale": t["s2"], "num_experts": E, "top_k": spec.top_k, "n_group": None,
