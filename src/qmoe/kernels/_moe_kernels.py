@@ -1,5 +1,10 @@
 """Triton bodies of qmoe's MoE kernels (the public entry is kernels/moe.py).
 
+Row strides of the packed weights (KB, bytes) and of their scales (NSC) are kernel
+arguments, not computed inside: Triton specializes integer arguments divisible by 16, and
+only then can it prove 16-byte aligned rows and issue 16-byte loads (computed strides gave
+one-byte loads, 16x the load instructions).
+
 Formats (FMT constexpr): 0 = mxfp4 (E2M1 + E8M0 per 32), 1 = nvfp4 (E2M1 + E4M3 per 16,
 fp32 global scale per expert), 2 = int4 (signed int4 + bf16 per 32). Weights are in the
 layout of kernels/layout.py: K in chunks of 2G elements; a row's G bytes of a chunk hold
@@ -132,7 +137,7 @@ def moe_gemm1_kernel(
     w_ptr, s_ptr, gs_ptr, b_ptr,      # w13 [E, 2Ip, Kp/2] u8; scales [E, 2Ip, Kp/G]; gs [E] f32; b13 [E, 2Ip] f32
     inter_ptr,                        # [NB * BM, Ip] bf16 (sorted, padded rows)
     sorted_ptr, block_expert_ptr,     # [NB * BM] i32 slot ids (-1 = padding); [NB] i32 expert (-1 = no block)
-    H, Ip, Kp, top_k, n_tiles,
+    H, Ip, Kp, top_k, n_tiles, KB, NSC,
     alpha, beta, limit,
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
@@ -154,8 +159,6 @@ def moe_gemm1_kernel(
     valid = slots >= 0
     tok = tl.where(valid, slots // top_k, 0).to(tl.int64)
     rn = nt * BN + tl.arange(0, BN)
-    KB = Kp // 2
-    NSC = Kp // G
     wg_rows = w_ptr + (e64 * 2 * Ip + rn)[:, None] * KB
     wu_rows = w_ptr + (e64 * 2 * Ip + Ip + rn)[:, None] * KB
     sg_rows = s_ptr + (e64 * 2 * Ip + rn)[:, None] * NSC
@@ -207,7 +210,7 @@ def moe_gemm2_kernel(
     w_ptr, s_ptr, gs_ptr, b_ptr,      # w2 [E, Hp, Ip/2] u8; scales [E, Hp, Ip/G]; gs [E] f32; b2 [E, Hp] f32
     y_ptr,                            # [M * top_k, H] per-slot outputs (fp32)
     sorted_ptr, block_expert_ptr, topk_w_ptr,   # topk_weights flat [M * top_k] f32
-    H, Hp, Ip, n_tiles,
+    H, Hp, Ip, n_tiles, KB, NSC,
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
     U: tl.constexpr,
@@ -226,8 +229,6 @@ def moe_gemm2_kernel(
     slots = tl.load(sorted_ptr + rm)
     valid = slots >= 0
     rn = nt * BN + tl.arange(0, BN)
-    KB = Ip // 2
-    NSC = Ip // G
     w_rows = w_ptr + (e64 * Hp + rn)[:, None] * KB
     s_rows = s_ptr + (e64 * Hp + rn)[:, None] * NSC
     a_rows = inter_ptr + rm.to(tl.int64)[:, None] * Ip
@@ -355,3 +356,182 @@ def moe_starts_kernel(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, N
 @triton.jit
 def moe_place_kernel(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, CH: tl.constexpr):
     _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, tl.program_id(0) * CH, CH)
+
+
+# ---- decode regime: one (token, expert) slot per program, CUDA cores, no grouping ---------
+# With few tokens per expert the tensor cores idle while the weights stream, and feeding
+# them costs shared-memory layout conversions per tile. These kernels instead decode each
+# weight to fp32 in the registers it was loaded into and FMA it with the token's activations
+# (broadcast along the rows); the K reduction happens once, at the end.
+
+# 4 packed bytes ($8) -> low-nibble values ($0..$3) and high-nibble values ($4..$7), fp32,
+# exact E2M1 values (no scale): build bf16 pairs as in _ASM_E2M1, x 2^126, then split each
+# pair into two fp32 (a bf16 is the top half of an fp32).
+_ASM_E2M1_F32 = tl.constexpr("""
+{
+.reg .b32 t0, t1, a, b, k;
+mov.b32 k, 0x7E807E80;
+prmt.b32 t0, $8, 0, 0x4140;
+prmt.b32 t1, $8, 0, 0x4342;
+shl.b32 a, t0, 6;  shl.b32 b, t0, 12; and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA;
+mul.rn.bf16x2 a, a, k; shl.b32 $0, a, 16; and.b32 $1, a, 0xFFFF0000;
+shl.b32 a, t1, 6;  shl.b32 b, t1, 12; and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA;
+mul.rn.bf16x2 a, a, k; shl.b32 $2, a, 16; and.b32 $3, a, 0xFFFF0000;
+shl.b32 a, t0, 2;  shl.b32 b, t0, 8;  and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA;
+mul.rn.bf16x2 a, a, k; shl.b32 $4, a, 16; and.b32 $5, a, 0xFFFF0000;
+shl.b32 a, t1, 2;  shl.b32 b, t1, 8;  and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA;
+mul.rn.bf16x2 a, a, k; shl.b32 $6, a, 16; and.b32 $7, a, 0xFFFF0000;
+}
+""")
+
+# int4: fp32 0x43000000 | u << 16 is 128 + u exactly (u < 128); u = code ^ 8; minus 136 gives
+# the signed value. Here: place each nibble (xor 8) at bit 16 of an fp32 with exponent 2^7.
+_ASM_INT4_F32 = tl.constexpr("""
+{
+.reg .b32 t0, t1, a, k;
+mov.b32 k, 0xC3080000;
+prmt.b32 t0, $8, 0, 0x4140;
+prmt.b32 t1, $8, 0, 0x4342;
+shl.b32 a, t0, 16; and.b32 a, a, 0x000F0000; xor.b32 a, a, 0x43080000; add.f32 $0, a, k;
+and.b32 a, t0, 0x000F0000; xor.b32 a, a, 0x43080000; add.f32 $1, a, k;
+shl.b32 a, t1, 16; and.b32 a, a, 0x000F0000; xor.b32 a, a, 0x43080000; add.f32 $2, a, k;
+and.b32 a, t1, 0x000F0000; xor.b32 a, a, 0x43080000; add.f32 $3, a, k;
+shl.b32 a, t0, 12; and.b32 a, a, 0x000F0000; xor.b32 a, a, 0x43080000; add.f32 $4, a, k;
+shr.b32 a, t0, 4; and.b32 a, a, 0x000F0000; xor.b32 a, a, 0x43080000; add.f32 $5, a, k;
+shl.b32 a, t1, 12; and.b32 a, a, 0x000F0000; xor.b32 a, a, 0x43080000; add.f32 $6, a, k;
+shr.b32 a, t1, 4; and.b32 a, a, 0x000F0000; xor.b32 a, a, 0x43080000; add.f32 $7, a, k;
+}
+""")
+
+
+@triton.jit
+def _decode_f32(b, FMT: tl.constexpr, ASM: tl.constexpr):
+    """b: [BN, G] uint8 packed codes -> (lo, hi): [BN, G] fp32 code values (no scale)."""
+    if ASM:
+        if FMT == 2:
+            lo, hi = tl.inline_asm_elementwise(_ASM_INT4_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
+                                               dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(_ASM_E2M1_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
+                                               dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        return lo, hi
+    else:
+        b32 = b.to(tl.uint32)
+        if FMT == 2:
+            return (((b32 & 0xF) ^ 8).to(tl.int32) - 8).to(tl.float32), \
+                (((b32 >> 4) ^ 8).to(tl.int32) - 8).to(tl.float32)
+        else:
+            return _e2m1_to_f32(b32 & 0xF), _e2m1_to_f32(b32 >> 4)
+
+
+@triton.jit
+def _gemv_chunk(acc, a_row_ptr, a_limit, w_rows, s_rows, c,
+                BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr, MASK: tl.constexpr):
+    """acc [BN, G] += w[:, chunk c] * a[chunk c] (both halves), scales applied per row.
+    a: fp32 activations; MASK only for a last chunk that runs past a_limit (K not a multiple of 2G)."""
+    rg = tl.arange(0, G)
+    kl = c * 2 * G + rg
+    if MASK:
+        a_lo = tl.load(a_row_ptr + kl, mask=kl < a_limit, other=0.0)
+        a_hi = tl.load(a_row_ptr + kl + G, mask=kl + G < a_limit, other=0.0)
+    else:
+        a_lo = tl.load(a_row_ptr + kl)
+        a_hi = tl.load(a_row_ptr + kl + G)
+    b = tl.load(w_rows + (c * G + rg)[None, :])
+    s_lo = _scale_to_f32(tl.load(s_rows + 2 * c).to(tl.uint32), FMT)
+    s_hi = _scale_to_f32(tl.load(s_rows + 2 * c + 1).to(tl.uint32), FMT)
+    v_lo, v_hi = _decode_f32(b, FMT, ASM)
+    acc += v_lo * (a_lo[None, :] * s_lo)
+    acc += v_hi * (a_hi[None, :] * s_hi)
+    return acc
+
+
+@triton.jit
+def _gemv_rows(acc, a_row, K, w_rows, s_rows, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+               ASM: tl.constexpr, U: tl.constexpr):
+    """acc += w @ a over the logical K: unrolled unmasked chunks, the rest one by one, and a
+    masked last chunk if K is not a multiple of 2G (chunks past K hold zero weights: skipped)."""
+    nfull = K // (2 * G)
+    nmain = nfull // U * U
+    for c0 in range(0, nmain, U):
+        for u in tl.static_range(U):
+            acc = _gemv_chunk(acc, a_row, K, w_rows, s_rows, c0 + u, BN, FMT, G, ASM, False)
+    for c in range(nmain, nfull):
+        acc = _gemv_chunk(acc, a_row, K, w_rows, s_rows, c, BN, FMT, G, ASM, False)
+    if K % (2 * G) != 0:
+        acc = _gemv_chunk(acc, a_row, K, w_rows, s_rows, nfull, BN, FMT, G, ASM, True)
+    return acc
+
+
+@triton.jit
+def moe_gemv1_kernel(
+    x_ptr, stride_xm, w_ptr, s_ptr, gs_ptr, b_ptr,   # x: [M, H] fp32
+    inter_ptr,                        # [M * k, Ip] fp32, one row per slot
+    ids_ptr,                          # [M * k] i32
+    H, Ip, Kp, top_k, n_tiles, KB, NSC,
+    alpha, beta, limit,
+    FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+    BN: tl.constexpr, ASM: tl.constexpr, U: tl.constexpr,
+):
+    """GEMV1 + SwiGLU for one slot (token t, expert e) and BN intermediate columns."""
+    pid = tl.program_id(0)
+    slot = pid // n_tiles
+    nt = pid % n_tiles
+    e = tl.load(ids_ptr + slot)
+    if e < 0:
+        return
+    e64 = e.to(tl.int64)
+    t = (slot // top_k).to(tl.int64)
+    rn = nt * BN + tl.arange(0, BN)
+    wg_rows = w_ptr + (e64 * 2 * Ip + rn)[:, None] * KB
+    wu_rows = w_ptr + (e64 * 2 * Ip + Ip + rn)[:, None] * KB
+    sg_rows = s_ptr + (e64 * 2 * Ip + rn)[:, None] * NSC
+    su_rows = s_ptr + (e64 * 2 * Ip + Ip + rn)[:, None] * NSC
+    x_row = x_ptr + t * stride_xm
+    acc_g = _gemv_rows(tl.zeros((BN, G), dtype=tl.float32), x_row, H, wg_rows, sg_rows, BN, FMT, G, ASM, U)
+    acc_u = _gemv_rows(tl.zeros((BN, G), dtype=tl.float32), x_row, H, wu_rows, su_rows, BN, FMT, G, ASM, U)
+    gate = tl.sum(acc_g, axis=1)
+    up = tl.sum(acc_u, axis=1)
+    if FMT == 1:
+        gs = tl.load(gs_ptr + e)
+        gate = gate * gs
+        up = up * gs
+    if HAS_BIAS:
+        gate += tl.load(b_ptr + e64 * 2 * Ip + rn)
+        up += tl.load(b_ptr + e64 * 2 * Ip + Ip + rn)
+    if HAS_LIMIT:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+    act = (up + beta) * gate * tl.sigmoid(alpha * gate)
+    tl.store(inter_ptr + slot.to(tl.int64) * Ip + rn, act)
+
+
+@triton.jit
+def moe_gemv2_kernel(
+    inter_ptr, w_ptr, s_ptr, gs_ptr, b_ptr,   # inter: [M * k, Ip] fp32
+    y_ptr,                            # [M * k, H] fp32 per-slot outputs
+    ids_ptr, topk_w_ptr,
+    H, Hp, Ip, I, n_tiles, KB, NSC,
+    FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BN: tl.constexpr, ASM: tl.constexpr, U: tl.constexpr,
+):
+    """GEMV2 for one slot and BN hidden columns: (inter[slot] @ w2[e].T + b2[e]) * weight."""
+    pid = tl.program_id(0)
+    slot = pid // n_tiles
+    nt = pid % n_tiles
+    e = tl.load(ids_ptr + slot)
+    if e < 0:
+        return
+    e64 = e.to(tl.int64)
+    rn = nt * BN + tl.arange(0, BN)
+    w_rows = w_ptr + (e64 * Hp + rn)[:, None] * KB
+    s_rows = s_ptr + (e64 * Hp + rn)[:, None] * NSC
+    a_row = inter_ptr + slot.to(tl.int64) * Ip
+    acc = _gemv_rows(tl.zeros((BN, G), dtype=tl.float32), a_row, I, w_rows, s_rows, BN, FMT, G, ASM, U)
+    y = tl.sum(acc, axis=1)
+    if FMT == 1:
+        y = y * tl.load(gs_ptr + e)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + e64 * Hp + rn)
+    y = y * tl.load(topk_w_ptr + slot)
+    tl.store(y_ptr + slot.to(tl.int64) * H + rn, y, mask=rn < H)

@@ -40,7 +40,8 @@ def interpreted() -> bool:
 class KernelConfig:
     """Launch configuration of one MoE call.
 
-    block_m: sorted token rows per program (16..128); block_n1 / block_n2: output columns per
+    block_m: sorted token rows per program (16..128), or 1 for the decode kernels (one
+    (token, expert) slot per program on CUDA cores, no grouping); block_n1 / block_n2: output columns per
     program in GEMM1 (intermediate) / GEMM2 (hidden); swap: weights as the MMA's first operand
     (accumulator transposed); k_unroll: K chunks per loop iteration (loads in flight);
     warps/stages per GEMM.
@@ -57,8 +58,9 @@ class KernelConfig:
     def __post_init__(self):
         for f in ("block_m", "block_n1", "block_n2"):
             v = getattr(self, f)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"KernelConfig.{f}: expected a power of two >= 16, got {v}")
+            if (v < 16 and not (f == "block_m" and v == 1)) or v & (v - 1):
+                raise ValueError(f"KernelConfig.{f}: expected a power of two >= 16"
+                                 f"{' (or 1)' if f == 'block_m' else ''}, got {v}")
         if self.k_unroll not in (1, 2, 4, 8):
             raise ValueError(f"KernelConfig.k_unroll: expected 1, 2, 4 or 8, got {self.k_unroll}")
 
@@ -216,17 +218,20 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     interp = interpreted()
     cdt = tl.float32 if interp else tl.bfloat16
     BM = cfg.block_m
+    has_bias1, has_bias2 = weights.b13 is not None, weights.b2 is not None
+    dummy = weights.w13  # for absent optional pointers (never read)
+    if BM == 1:
+        return _fused_moe_gemv(x, topk_ids, topk_weights, weights, alpha, beta, limit, cfg, out,
+                               shared_output, fmt, G, interp, stats)
     grp = group_tokens(topk_ids, E, BM)
     NB = grp.num_blocks
     inter = torch.empty(NB * BM, Ip, dtype=torch.bfloat16, device=x.device)
-    has_bias1, has_bias2 = weights.b13 is not None, weights.b2 is not None
-    dummy = weights.w13  # for absent optional pointers (never read)
     n1 = Ip // cfg.block_n1
     k1 = K.moe_gemm1_kernel[(NB * n1,)](
         x, x.stride(0), weights.w13, weights.s13,
         weights.gs13 if weights.gs13 is not None else dummy, weights.b13 if has_bias1 else dummy,
         inter, grp.sorted_slots, grp.block_expert,
-        H, Ip, Hp, k, n1,
+        H, Ip, Hp, k, n1, weights.w13.stride(1), weights.s13.stride(1),
         float(alpha), float(beta), float(limit) if limit is not None else 0.0,
         FMT=fmt, G=G, HAS_BIAS=has_bias1, HAS_LIMIT=limit is not None,
         BM=BM, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll,
@@ -237,7 +242,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         inter, weights.w2, weights.s2,
         weights.gs2 if weights.gs2 is not None else dummy, weights.b2 if has_bias2 else dummy,
         y, grp.sorted_slots, grp.block_expert, topk_weights,
-        H, Hp, Ip, n2,
+        H, Hp, Ip, n2, weights.w2.stride(1), weights.s2.stride(1),
         FMT=fmt, G=G, HAS_BIAS=has_bias2,
         BM=BM, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -246,8 +251,49 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
             stats[name] = {"regs": getattr(kern, "n_regs", None), "spills": getattr(kern, "n_spills", None),
                            "shared": getattr(getattr(kern, "metadata", None), "shared", None),
                            "grid": NB * (n1 if name == "gemm1" else n2)}
+    return _combine(y, topk_ids, out, shared_output)
+
+
+def _combine(y, topk_ids, out, shared_output):
+    M, H = out.shape
+    k = topk_ids.shape[1]
     BH = min(1024, triton.next_power_of_2(H))
     K.moe_combine_kernel[(M, triton.cdiv(H, BH))](
         y, topk_ids, shared_output if shared_output is not None else out, out, H, k,
         HAS_SHARED=shared_output is not None, K_P2=max(2, triton.next_power_of_2(k)), BH=BH, num_warps=4)
     return out
+
+
+def _fused_moe_gemv(x, topk_ids, topk_weights, weights, alpha, beta, limit, cfg, out, shared_output,
+                    fmt, G, interp, stats):
+    """Decode path: every (token, expert) slot is its own GEMV; no grouping kernel."""
+    M, H = x.shape
+    k = topk_ids.shape[1]
+    Ip, Hp = weights.Ip, weights.Hp
+    dummy = weights.w13
+    # fp32 activations: converting them in the kernel would cost an op per weight
+    xf = x if x.dtype == torch.float32 else x.float()
+    inter = torch.empty(M * k, Ip, dtype=torch.float32, device=x.device)
+    n1 = Ip // cfg.block_n1
+    k1 = K.moe_gemv1_kernel[(M * k * n1,)](
+        xf, xf.stride(0), weights.w13, weights.s13,
+        weights.gs13 if weights.gs13 is not None else dummy,
+        weights.b13 if weights.b13 is not None else dummy,
+        inter, topk_ids, H, Ip, Hp, k, n1, weights.w13.stride(1), weights.s13.stride(1),
+        float(alpha), float(beta), float(limit) if limit is not None else 0.0,
+        FMT=fmt, G=G, HAS_BIAS=weights.b13 is not None, HAS_LIMIT=limit is not None,
+        BN=cfg.block_n1, ASM=not interp, U=cfg.k_unroll, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    y = torch.empty(M * k, H, dtype=torch.float32, device=x.device)
+    n2 = Hp // cfg.block_n2
+    k2 = K.moe_gemv2_kernel[(M * k * n2,)](
+        inter, weights.w2, weights.s2,
+        weights.gs2 if weights.gs2 is not None else dummy,
+        weights.b2 if weights.b2 is not None else dummy,
+        y, topk_ids, topk_weights, H, Hp, Ip, weights.I, n2, weights.w2.stride(1), weights.s2.stride(1),
+        FMT=fmt, G=G, HAS_BIAS=weights.b2 is not None,
+        BN=cfg.block_n2, ASM=not interp, U=cfg.k_unroll, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if stats is not None:
+        for name, kern, grid in (("gemm1", k1, M * k * n1), ("gemm2", k2, M * k * n2)):
+            stats[name] = {"regs": getattr(kern, "n_regs", None), "spills": getattr(kern, "n_spills", None),
+                           "shared": getattr(getattr(kern, "metadata", None), "shared", None), "grid": grid}
+    return _combine(y, topk_ids, out, shared_output)
