@@ -46,18 +46,18 @@ def shape_key(fmt: str, E: int, H: int, I: int, top_k: int) -> str:
 
 
 def default_config(m: int, top_k: int, num_experts: int):
-    """Launch configuration when no table entry exists: small row blocks with the weight as
-    the MMA's first operand while experts see few tokens, large tiles once they see many."""
+    """Launch configuration when no table entry exists, from measurements on an H100 at
+    gpt-oss-120b shapes (docs/performance.md): 16-row blocks with narrow column tiles while
+    experts see a few tokens, 32-row blocks up to ~48 tokens per expert, then 128-row blocks
+    with the weight as the MMA's first operand."""
     from ..kernels.moe import KernelConfig
 
     per_expert = m * top_k / num_experts
-    if per_expert <= 16:
-        return KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=True, num_warps=4, num_stages=3)
+    if per_expert <= 4:
+        return KernelConfig(block_m=16, block_n1=32, block_n2=32, swap=False, num_warps=4, num_stages=3, k_unroll=2)
     if per_expert <= 48:
-        return KernelConfig(block_m=32, block_n1=64, block_n2=64, swap=True, num_warps=4, num_stages=3)
-    if per_expert <= 128:
-        return KernelConfig(block_m=64, block_n1=64, block_n2=128, swap=False, num_warps=4, num_stages=3)
-    return KernelConfig(block_m=128, block_n1=128, block_n2=128, swap=False, num_warps=8, num_stages=3)
+        return KernelConfig(block_m=32, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=2)
+    return KernelConfig(block_m=128, block_n1=64, block_n2=64, swap=True, num_warps=4, num_stages=3, k_unroll=2)
 
 
 def _read_table(path: str) -> dict:
@@ -147,21 +147,23 @@ class TritonBackend(Backend):
 
 
     def candidates(self, m: int, top_k: int, num_experts: int):
-        """Launch configurations worth timing at m tokens (a few dozen at most)."""
-        from ..kernels.moe import KernelConfig
+        """Launch configurations worth timing at m tokens (about a dozen), from what won where
+        on an H100 (docs/performance.md)."""
+        from ..kernels.moe import KernelConfig as C
 
         per_expert = m * top_k / num_experts
-        out = []
-        for bm in (16, 32, 64, 128):
-            if bm > 16 and bm > 4 * per_expert:  # mostly padding rows
-                continue
-            for bn in (32, 64, 128):
-                for swap in ((True, False) if bm <= 64 else (False,)):
-                    for warps, stages in ((4, 3), (4, 4), (8, 3)):
-                        if bm * bn >= 128 * 128 and warps == 4:
-                            continue
-                        out.append(KernelConfig(bm, bn, bn, swap, warps, stages))
-        return out
+        out = [default_config(m, top_k, num_experts)]
+        if per_expert <= 8:
+            out += [C(16, n1, n2, False, w, 3, u) for n1, n2 in ((16, 16), (32, 16), (32, 32), (32, 64), (64, 64))
+                    for w in (2, 4) for u in (2, 4)]
+            out += [C(1, 16, 16, False, 1, 3, 4), C(1, 32, 32, False, 2, 3, 4), C(16, 64, 64, True, 4, 3, 2)]
+        if 2 <= per_expert <= 64:
+            out += [C(32, 64, 64, False, 4, 3, 2), C(32, 32, 32, False, 4, 3, 2), C(32, 64, 64, True, 4, 3, 2),
+                    C(64, 64, 64, True, 4, 3, 2)]
+        if per_expert >= 16:
+            out += [C(64, 64, 64, True, 4, 3, 2), C(128, 64, 64, True, 4, 3, 2), C(128, 128, 128, False, 8, 3, 2),
+                    C(128, 64, 128, True, 4, 3, 2), C(128, 128, 64, True, 8, 3, 2), C(64, 128, 128, True, 8, 3, 2)]
+        return list(dict.fromkeys(out))
 
     def tune(self, spec: MoESpec, fmt: str, ms, device, progress=None, weights: ExpertWeights | None = None,
              reps: int = 20, write: bool = True) -> dict:
@@ -171,7 +173,8 @@ class TritonBackend(Backend):
         difference <= 1e-2, all elements written) before it may win. Returns
         {"gpu", "shape_key", "buckets": {bucket: {"config", "us", "default_us", "tried"}}};
         with write=True the winners go into the user's table (atomic replace).
-        progress(done, total, text) is called after each candidate.
+        progress: None, a rich.progress.Progress (a task is added to it), or a callable
+        progress(done, total, text) called after each candidate.
         """
         from dataclasses import asdict
 
@@ -187,6 +190,9 @@ class TritonBackend(Backend):
         plan = [(bucket_of(m), self.candidates(bucket_of(m), spec.top_k, spec.num_experts)) for m in ms]
         total, done = sum(len(c) for _, c in plan), 0
         result = {"gpu": prep.meta["gpu"], "shape_key": prep.meta["shape_key"], "buckets": {}}
+        if progress is not None and hasattr(progress, "add_task"):
+            bar, task = progress, progress.add_task("triton kernel configs", total=total)
+            progress = (lambda d, t, text: bar.update(task, completed=d, description=f"triton {text}"))
         for m, cands in plan:
             g = torch.Generator(device=device).manual_seed(m)
             x = torch.randn(m, spec.hidden_size, device=device, generator=g).to(torch.bfloat16)
@@ -213,7 +219,7 @@ class TritonBackend(Backend):
                 tried.append(entry)
                 done += 1
                 if progress:
-                    progress(done, total, f"M={m} {cfg}")
+                    progress(done, total, f"M={m} bm{cfg.block_m} n{cfg.block_n1}/{cfg.block_n2}")
             default_us = measure(lambda: fused_moe(x, ids, w, kw, act.alpha, act.beta, act.limit, base_cfg, base),
                                  device=device, reps=reps)["median_us"]
             if best is not None:
