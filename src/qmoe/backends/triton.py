@@ -54,7 +54,7 @@ def default_config(m: int, top_k: int, num_experts: int):
 
     per_expert = m * top_k / num_experts
     if per_expert <= 4:
-        return KernelConfig(block_m=16, block_n1=32, block_n2=32, swap=False, num_warps=4, num_stages=3, k_unroll=2)
+        return KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=2)
     if per_expert <= 48:
         return KernelConfig(block_m=32, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=2)
     return KernelConfig(block_m=128, block_n1=64, block_n2=64, swap=True, num_warps=4, num_stages=3, k_unroll=2)
@@ -184,6 +184,9 @@ class TritonBackend(Backend):
         from ..timing import measure
 
         device = torch.device(device)
+        warmup = 5
+        if device.type == "cpu":  # the interpreter: times mean little there, keep the run short
+            warmup, reps = 1, min(reps, 2)
         weights = weights or random_expert_weights(spec, fmt, device)
         prep = self.prepare(spec, weights)
         kw, act = prep.meta["kernel_weights"], spec.activation
@@ -191,8 +194,10 @@ class TritonBackend(Backend):
         total, done = sum(len(c) for _, c in plan), 0
         result = {"gpu": prep.meta["gpu"], "shape_key": prep.meta["shape_key"], "buckets": {}}
         if progress is not None and hasattr(progress, "add_task"):
-            bar, task = progress, progress.add_task("triton kernel configs", total=total)
-            progress = (lambda d, t, text: bar.update(task, completed=d, description=f"triton {text}"))
+            # a rich Progress; its columns may render custom fields (qmoe tune shows "what")
+            bar, task = progress, progress.add_task("triton kernel configs", total=total, what="triton kernels")
+            progress = (lambda d, t, text: bar.update(task, completed=d, description=f"triton {text}",
+                                                      what=f"triton {text}"))
         for m, cands in plan:
             g = torch.Generator(device=device).manual_seed(m)
             x = torch.randn(m, spec.hidden_size, device=device, generator=g).to(torch.bfloat16)
@@ -211,7 +216,8 @@ class TritonBackend(Backend):
                         entry["rejected"] = f"differs from the default configuration (rel. {diff:.2e})"
                     else:
                         entry["us"] = measure(lambda: fused_moe(x, ids, w, kw, act.alpha, act.beta, act.limit,
-                                                                cfg, out), device=device, reps=reps)["median_us"]
+                                                                cfg, out), device=device, warmup=warmup,
+                                              reps=reps)["median_us"]
                         if best is None or entry["us"] < best["us"]:
                             best = entry
                 except Exception as e:  # e.g. out of shared memory for a large tile: skip it
@@ -221,7 +227,7 @@ class TritonBackend(Backend):
                 if progress:
                     progress(done, total, f"M={m} bm{cfg.block_m} n{cfg.block_n1}/{cfg.block_n2}")
             default_us = measure(lambda: fused_moe(x, ids, w, kw, act.alpha, act.beta, act.limit, base_cfg, base),
-                                 device=device, reps=reps)["median_us"]
+                                 device=device, warmup=warmup, reps=reps)["median_us"]
             if best is not None:
                 result["buckets"][str(m)] = {"config": best["config"], "us": best["us"],
                                              "default_us": default_us, "tried": tried}
