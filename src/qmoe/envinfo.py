@@ -45,12 +45,12 @@ def load_backend(name: str):
     """(backend, None), or (None, why it cannot be imported); never raises."""
     try:
         return get_backend(name), None
-    except ModuleNotFoundError as e:
-        missing = f"qmoe.backends.{name}"
-        if e.name == missing:
-            return None, f"not available in this build ({missing} is missing)"
-        return None, f"import failed: {type(e).__name__}: {e}"
     except Exception as e:  # a broken backend module is reported, never fatal
+        cause = e.__cause__ if isinstance(e.__cause__, ImportError) else e
+        missing = f"qmoe.backends.{name}"
+        if isinstance(cause, ModuleNotFoundError) and cause.name == missing:
+            return None, f"not available in this build ({missing} is missing)"
+        e = cause
         return None, f"import failed: {type(e).__name__}: {e}"
 
 

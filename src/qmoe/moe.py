@@ -24,8 +24,9 @@ class MoE:
              or a backend name ("reference", "triton", "flashinfer_cutlass", ...).
     check_ids: validate that expert ids lie in [-1, E) (one host sync per call; skipped
              automatically while a CUDA graph is being captured).
-    max_layout_bytes: for "auto", the memory budget for keeping a second prepared layout
-             (a decode winner and a prefill winner); None for the default.
+    max_layout_bytes: for "auto", the total bytes all prepared layouts may take together (a
+             decode winner and a prefill winner); None for the default, 2.5 x weights.nbytes.
+             One layout is always kept, even over the budget.
     """
 
     def __init__(self, spec: MoESpec, weights: ExpertWeights, backend: str = "auto", *,

@@ -61,6 +61,7 @@ def reference_moe(spec: MoESpec, weights: ExpertWeights, x: torch.Tensor, topk_i
 
 class ReferenceBackend(Backend):
     name = "reference"
+    capturable = False  # finds the active experts on the host: no CUDA-graph capture
 
     def supports(self, spec, fmt, device) -> Support:
         return Support(True, "PyTorch on any device (slow: loops over the active experts)")
