@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from .base import cuda_capability
+from .base import Backend, Support, cuda_capability
 
 FORCE_ENV = "QMOE_FLASHINFER_FORCE"
 """The one documented override: "1" runs FlashInfer paths past a known defect of the
@@ -361,3 +361,27 @@ __all__ = ["FORCE_ENV", "KNOWN_DEFECTS", "HARDWARE_CHECKED", "Defect", "FlashInf
            "device_capability", "first_tensor", "forced", "gate", "gate_up", "has_module", "known_defect", "load",
            "pad_cols", "pad_last2", "padded", "quiet_logging", "routable", "stamp", "up_gate",
            "version_key", "write_out"]
+
+
+_BSI_PLACES = ("flashinfer.fp4_quantization", "flashinfer.quantization.fp4_quantization")
+
+
+def block_scale_interleave_place(fi: FlashInfer) -> str | None:
+    """The module of the installed FlashInfer that holds block_scale_interleave, or None."""
+    for where in _BSI_PLACES:
+        if fi.get(where, "block_scale_interleave") is not None:
+            return where
+    return None
+
+
+class FlashInferBackend(Backend):
+    """Base of the FlashInfer backends: supports() never raises; subclasses write _supports()."""
+
+    def supports(self, spec, fmt, device) -> Support:
+        try:
+            return self._supports(spec, fmt, device)
+        except Exception as e:  # a probe that breaks is a reason, never a crash
+            return Support(False, f"probing FlashInfer failed: {type(e).__name__}: {e}")
+
+    def _supports(self, spec, fmt, device) -> Support:
+        raise NotImplementedError

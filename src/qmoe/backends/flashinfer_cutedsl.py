@@ -25,13 +25,12 @@ import torch
 from ..spec import MoESpec
 from ..weights import ExpertWeights
 from . import _flashinfer_compat as compat
-from .base import Backend, Prepared, Support
+from .base import Prepared, Support
 
 PATH = "cutedsl_nvfp4_w4a16"
 _FM = "flashinfer.fused_moe"
 _PREPARE = "flashinfer.fused_moe.prepare"
 _UTILS = "flashinfer.cute_dsl.utils"
-_BSI_PLACES = ("flashinfer.fp4_quantization", "flashinfer.quantization.fp4_quantization")
 _KERNEL = "cute_dsl_fused_moe_nvfp4"
 _KERNEL_PARAMS = ("x", "x_sf", "token_selected_experts", "token_final_scales", "w1_weight", "w1_weight_sf",
                   "w1_alpha", "fc2_input_scale", "w2_weight", "w2_weight_sf", "w2_alpha", "num_experts",
@@ -41,21 +40,8 @@ ROW_GROUP = 64  # rows per linear/gate group in FlashInfer's gemm1 interleave
 _E4M3_ONE = 0x38  # byte of 1.0 in float8_e4m3fn: scale of padded blocks (their codes are 0)
 
 
-def _bsi_place(fi) -> str | None:
-    for where in _BSI_PLACES:
-        if fi.get(where, "block_scale_interleave") is not None:
-            return where
-    return None
-
-
-class FlashInferCuteDslBackend(Backend):
+class FlashInferCuteDslBackend(compat.FlashInferBackend):
     name = "flashinfer_cutedsl"
-
-    def supports(self, spec: MoESpec, fmt: str, device) -> Support:
-        try:
-            return self._supports(spec, fmt, device)
-        except Exception as e:  # supports() never raises
-            return Support(False, f"probing FlashInfer failed: {type(e).__name__}: {e}")
 
     def _supports(self, spec, fmt, device) -> Support:
         if fmt != "nvfp4":
@@ -80,7 +66,7 @@ class FlashInferCuteDslBackend(Backend):
             missing = fi.missing(where, name, ps)
             if missing:
                 return Support(False, missing)
-        if _bsi_place(fi) is None:
+        if compat.block_scale_interleave_place(fi) is None:
             return Support(False, f"flashinfer {fi.version} has no block_scale_interleave")
         if spec.bias:
             return Support(False, "cute_dsl_fused_moe_nvfp4 takes no biases; this layer has them")
@@ -98,7 +84,7 @@ class FlashInferCuteDslBackend(Backend):
         fi, _ = compat.load()
         E, H, I = weights.num_experts, weights.hidden_size, weights.intermediate_size
         Hp, Ip = compat.padded(H, TILE), compat.padded(I, TILE)
-        bsi_where = _bsi_place(fi)
+        bsi_where = compat.block_scale_interleave_place(fi)
 
         def interleave_rows(t):
             return fi.call(_PREPARE, "_interleave_linear_and_gate", {"x": t, "group_size": ROW_GROUP, "dim": 1})

@@ -28,7 +28,7 @@ import torch
 from ..spec import MoESpec
 from ..weights import ExpertWeights
 from . import _flashinfer_compat as compat
-from .base import Backend, Prepared, Support
+from .base import Prepared, Support
 
 PATH = "cutlass_sm90_w4a16"
 _FM = "flashinfer.fused_moe"
@@ -40,14 +40,8 @@ TILE = 128
 _E8M0_ONE = 127  # scale byte of padded blocks: any finite scale works, their codes are 0
 
 
-class FlashInferCutlassBackend(Backend):
+class FlashInferCutlassBackend(compat.FlashInferBackend):
     name = "flashinfer_cutlass"
-
-    def supports(self, spec: MoESpec, fmt: str, device) -> Support:
-        try:
-            return self._supports(spec, fmt, device)
-        except Exception as e:  # supports() never raises: a probe that breaks is a reason
-            return Support(False, f"probing FlashInfer failed: {type(e).__name__}: {e}")
 
     def _supports(self, spec, fmt, device) -> Support:
         if fmt != "mxfp4":

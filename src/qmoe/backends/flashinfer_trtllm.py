@@ -30,12 +30,11 @@ import torch
 from ..spec import MoESpec
 from ..weights import ExpertWeights
 from . import _flashinfer_compat as compat
-from .base import Backend, Prepared, Support
+from .base import Prepared, Support
 
 _FM = "flashinfer.fused_moe"
 _CORE = "flashinfer.fused_moe.core"
 _PREPARE = "flashinfer.fused_moe.prepare"
-_BSI_PLACES = ("flashinfer.fp4_quantization", "flashinfer.quantization.fp4_quantization")
 EPILOGUE_TILE_M = 128  # trtllm-gen's epilogue tile, a constant of its kernels
 BLOCK_K = 128  # int4 codes' block layout along K
 
@@ -58,21 +57,8 @@ _W2 = ("get_w2_permute_indices_with_cache",
        ("_cache_permute_indices", "dst_w2_weight", "epilogue_tile_m", "num_elts_per_sf"))
 
 
-def _bsi_place(fi) -> str | None:
-    for where in _BSI_PLACES:
-        if fi.get(where, "block_scale_interleave") is not None:
-            return where
-    return None
-
-
-class FlashInferTrtllmBackend(Backend):
+class FlashInferTrtllmBackend(compat.FlashInferBackend):
     name = "flashinfer_trtllm"
-
-    def supports(self, spec: MoESpec, fmt: str, device) -> Support:
-        try:
-            return self._supports(spec, fmt, device)
-        except Exception as e:  # supports() never raises
-            return Support(False, f"probing FlashInfer failed: {type(e).__name__}: {e}")
 
     def _supports(self, spec, fmt, device) -> Support:
         if fmt == "nvfp4":
@@ -109,7 +95,7 @@ class FlashInferTrtllmBackend(Backend):
             missing = fi.missing(_CORE, "convert_to_block_layout", ("input_tensor", "blockK"))
             if missing:
                 return Support(False, missing)
-        if _bsi_place(fi) is None:
+        if compat.block_scale_interleave_place(fi) is None:
             return Support(False, f"flashinfer {fi.version} has no block_scale_interleave")
         if fmt == "int4" and spec.bias:
             return Support(False, "trtllm_mxint4_block_scale_routed_moe takes no biases; this layer has them")
@@ -130,7 +116,7 @@ class FlashInferTrtllmBackend(Backend):
         pad = _PATHS[fmt][4]
         Hp, Ip = compat.padded(H, pad), compat.padded(I, pad)
         cache = {}
-        bsi_where = _bsi_place(fi)
+        bsi_where = compat.block_scale_interleave_place(fi)
 
         def w3w1(t, **kw):
             return fi.call(_CORE, _W3W1[0], {"_cache_permute_indices": cache, "dst_w3_w1_weight": t,
