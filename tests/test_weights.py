@@ -1,5 +1,7 @@
 """qmoe.ExpertWeights: construction from float weights, accessors and validation."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -81,3 +83,22 @@ def test_validation(make, match):
 def test_exported_names():
     assert qmoe.ExpertWeights is ExpertWeights
     assert callable(qmoe.load_gpt_oss) and callable(qmoe.save_gpt_oss)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4"])
+def test_random_weights_shapes_seed_and_scale(fmt):
+    from qmoe.weights import random_weights
+
+    spec = qmoe.MoESpec(3, 2, 64, 96, bias=True)
+    calls = []
+    w = random_weights(spec, fmt, seed=5, on_expert=lambda: calls.append(1))
+    assert len(calls) == 2 * 3
+    assert (w.format, w.w13.shape, w.w2.shape) == (fmt, (3, 192, 64), (3, 64, 96))
+    assert w.b13.shape == (3, 192) and w.b2.shape == (3, 64) and w.b13.dtype == torch.float32
+    again = random_weights(spec, fmt, seed=5)
+    assert torch.equal(w.w13.data, again.w13.data) and torch.equal(w.b2, again.b2)
+    assert not torch.equal(w.w13.data, random_weights(spec, fmt, seed=6).w13.data)
+    # default std 1/sqrt(K): the dequantized w2 (K = 96) has std near 0.102
+    std = qmoe.dequantize(w.w2).std().item()
+    assert 0.09 < std < 0.115
+    assert random_weights(dataclasses.replace(spec, bias=False), fmt).b13 is None

@@ -5,13 +5,13 @@ import torch
 sys.path.insert(0, "src")
 import qmoe
 from qmoe.backends import get_backend
-from qmoe.bench import random_expert_weights
+from qmoe.weights import random_weights
 from qmoe.kernels.moe import KernelConfig, fused_moe
 from qmoe.timing import measure
 
 OUT = os.environ.get("OUT", "out")
 spec = qmoe.presets["gpt-oss-120b"]
-w = random_expert_weights(spec, "mxfp4", "cuda")
+w = random_weights(spec, "mxfp4", "cuda", bias_std=0.5)
 b = get_backend("triton")
 prep = b.prepare(spec, w)
 kw, act = prep.meta["kernel_weights"], spec.activation

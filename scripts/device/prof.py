@@ -1,16 +1,16 @@
 """One launch of each GEMM for ncu, plus a SASS histogram of the compiled kernels (-> $OUT)."""
-import collections, json, os, re, sys
+import collections, os, re, sys
 import torch
 sys.path.insert(0, "src")
 import qmoe
 from qmoe.backends import get_backend
-from qmoe.bench import random_expert_weights
+from qmoe.weights import random_weights
 from qmoe.kernels.moe import KernelConfig as C, fused_moe
 import qmoe.kernels._moe_kernels as K
 
 OUT = os.environ.get("OUT", "out")
 spec = qmoe.presets["gpt-oss-120b"]
-w = random_expert_weights(spec, "mxfp4", "cuda")
+w = random_weights(spec, "mxfp4", "cuda", bias_std=0.5)
 prep = get_backend("triton").prepare(spec, w)
 kw, act = prep.meta["kernel_weights"], spec.activation
 M = int(os.environ.get("PROF_M", "1"))

@@ -36,31 +36,6 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0)
 
 
-def random_expert_weights(spec, fmt: str, device, seed: int = 0, progress=None):
-    """Random float weights (std 1/sqrt(K)) quantized to fmt one expert at a time, so a 120b
-    layer never holds more than one expert in fp32. biases fp32 when spec.bias."""
-    from .formats import QuantizedTensor, quantize
-    from .weights import ExpertWeights
-
-    E, H, I = spec.num_experts, spec.hidden_size, spec.intermediate_size
-    g = torch.Generator(device=device).manual_seed(seed)
-    parts13, parts2 = [], []
-    for e in range(E):
-        parts13.append(quantize(torch.randn(2 * I, H, device=device, generator=g) / H ** 0.5, fmt))
-        parts2.append(quantize(torch.randn(H, I, device=device, generator=g) / I ** 0.5, fmt))
-        if progress:
-            progress(e + 1, E)
-
-    def stack(parts, shape):
-        gs = torch.stack([p.global_scale for p in parts]) if parts[0].global_scale is not None else None
-        sc = torch.stack([p.scales for p in parts]) if parts[0].scales is not None else None
-        return QuantizedTensor(fmt, shape, torch.stack([p.data for p in parts]), sc, gs)
-
-    b13 = 0.5 * torch.randn(E, 2 * I, device=device, generator=g) if spec.bias else None
-    b2 = 0.5 * torch.randn(E, H, device=device, generator=g) if spec.bias else None
-    return ExpertWeights(stack(parts13, (E, 2 * I, H)), stack(parts2, (E, H, I)), b13, b2)
-
-
 def cell_metrics(spec, weights, topk_ids, us: float, roof: dict, x_bytes: int, out_bytes: int) -> dict:
     """GB/s, TFLOP/s and % of roofline for one timed call."""
     M = topk_ids.shape[0]
@@ -96,6 +71,7 @@ def run_bench(presets, formats, tokens, backends, *, device, reps=50, check=True
     from .routing import route
     from .spec import PRESET_FORMATS, preset
     from .timing import measure, roofline
+    from .weights import random_weights
     from .envinfo import collect as env_collect
 
     device = torch.device(device)
@@ -107,7 +83,7 @@ def run_bench(presets, formats, tokens, backends, *, device, reps=50, check=True
         spec = preset(pname)
         for fmt in formats or [PRESET_FORMATS[pname]]:
             t0 = time.time()
-            weights = random_expert_weights(spec, fmt, device, seed)
+            weights = random_weights(spec, fmt, device, seed, bias_std=0.5)
             log(f"{pname} {fmt}: weights ready in {time.time() - t0:.1f} s ({weights.nbytes / 2**30:.2f} GiB)")
             names = backends or [n for n in BACKEND_NAMES]
             moes = {}

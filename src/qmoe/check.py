@@ -28,7 +28,6 @@ import dataclasses
 import importlib
 import importlib.util
 import json
-import math
 import os
 import queue
 import signal
@@ -44,9 +43,10 @@ import torch
 
 from .backends import BACKEND_NAMES, get_backend
 from .backends.reference import reference_moe
-from .formats import FORMATS, QuantizedTensor, quantize
+from .formats import FORMATS
 from .spec import PRESET_FORMATS, MoESpec, Routing, SwiGLU, presets
 from .weights import ExpertWeights
+from .weights import random_weights as _random_weights
 
 TOKENS = (0, 1, 2, 3, 7, 64, 255, 1024, 4096)
 """Token counts every problem is checked at."""
@@ -78,32 +78,8 @@ def load_backend(name: str):
 
 
 def random_weights(spec: MoESpec, fmt: str, device, seed: int = 0) -> ExpertWeights:
-    """Weights quantized from random normal floats (std 1/sqrt(K), so activations stay near
-    unit scale), one expert at a time on `device` so no full float copy of the layer exists.
-    Biases (fp32, std 0.1) when spec.bias."""
-    device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    E, H, I = spec.num_experts, spec.hidden_size, spec.intermediate_size
-
-    def one(rows, cols):
-        return quantize(torch.randn(rows, cols, generator=gen, device=device) / math.sqrt(cols), fmt)
-
-    w13 = _stack([one(2 * I, H) for _ in range(E)])
-    w2 = _stack([one(H, I) for _ in range(E)])
-    b13 = b2 = None
-    if spec.bias:
-        b13 = 0.1 * torch.randn(E, 2 * I, generator=gen, device=device)
-        b2 = 0.1 * torch.randn(E, H, generator=gen, device=device)
-    return ExpertWeights(w13, w2, b13, b2)
-
-
-def _stack(parts: list) -> QuantizedTensor:
-    def st(name):
-        ts = [getattr(p, name) for p in parts]
-        return None if ts[0] is None else torch.stack(ts)
-
-    return QuantizedTensor(parts[0].format, (len(parts), *parts[0].shape), st("data"), st("scales"),
-                           st("global_scale"))
+    """qmoe.weights.random_weights with check's scales: weights std 1/sqrt(K), biases std 0.1."""
+    return _random_weights(spec, fmt, device, seed, bias_std=0.1)
 
 
 def quick_spec(spec: MoESpec) -> MoESpec:

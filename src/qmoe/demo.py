@@ -22,9 +22,10 @@ from dataclasses import replace
 
 import torch
 
-from .formats import FORMATS, QuantizedTensor, quantize
+from .formats import FORMATS
 from .spec import MoESpec, presets
 from .weights import ExpertWeights
+from .weights import random_weights as _random_weights
 
 DEFAULT_PRESET = "gpt-oss-120b"
 CPU_SIZE = 256
@@ -53,46 +54,12 @@ def scaled_down(spec: MoESpec) -> MoESpec:
                    intermediate_size=min(CPU_SIZE, spec.intermediate_size))
 
 
-def _quantize_experts(shape, fmt, device, generator, on_expert):
-    """A [E, N, K] QuantizedTensor of random N(0, WEIGHT_STD) weights, made one expert at a
-    time so only one expert's float weights exist at once (gpt-oss-120b's w13 in fp32 would
-    be 8.5 GB)."""
-    E, N, K = shape
-    data = scales = gs = None
-    for e in range(E):
-        w = torch.randn(N, K, generator=generator, device=device) * WEIGHT_STD
-        q = quantize(w, fmt)
-        del w
-        if data is None:
-            data = torch.empty((E, *q.data.shape), dtype=q.data.dtype, device=device)
-            if q.scales is not None:
-                scales = torch.empty((E, *q.scales.shape), dtype=q.scales.dtype, device=device)
-            if q.global_scale is not None:
-                gs = torch.empty((E, *q.global_scale.shape), dtype=q.global_scale.dtype, device=device)
-        data[e] = q.data
-        if scales is not None:
-            scales[e] = q.scales
-        if gs is not None:
-            gs[e] = q.global_scale
-        on_expert()
-    return QuantizedTensor(fmt, shape, data, scales, gs)
-
-
 def random_weights(spec: MoESpec, fmt: str, device: torch.device, seed: int = 0,
                    on_expert=lambda: None) -> ExpertWeights:
-    """Canonical weights quantized to `fmt` from random float weights (biases if spec.bias).
-
-    on_expert: called after each expert's matrix is quantized (2 * num_experts calls), for progress.
-    """
-    g = torch.Generator(device=device).manual_seed(seed)
-    E, H, I = spec.num_experts, spec.hidden_size, spec.intermediate_size
-    w13 = _quantize_experts((E, 2 * I, H), fmt, device, g, on_expert)
-    w2 = _quantize_experts((E, H, I), fmt, device, g, on_expert)
-    b13 = b2 = None
-    if spec.bias:
-        b13 = torch.randn(E, 2 * I, generator=g, device=device) * WEIGHT_STD
-        b2 = torch.randn(E, H, generator=g, device=device) * WEIGHT_STD
-    return ExpertWeights(w13, w2, b13, b2)
+    """Canonical weights quantized to `fmt` from random N(0, WEIGHT_STD) float weights (and
+    biases if spec.bias); on_expert is called after each quantized matrix, for progress."""
+    return _random_weights(spec, fmt, device, seed, weight_std=WEIGHT_STD, bias_std=WEIGHT_STD,
+                           on_expert=on_expert)
 
 
 def random_inputs(spec: MoESpec, tokens: int, dtype: torch.dtype, device: torch.device, seed: int = 1):

@@ -15,6 +15,7 @@ import qmoe
 from qmoe.backends import get_backend
 from qmoe.backends.reference import reference_moe
 from qmoe.kernels.moe import KernelConfig
+from qmoe.weights import random_weights
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -132,12 +133,10 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["gpt-oss-120b", "deepseek-v4-flash", "kimi-k2.5", "qwen3-30b-a3b"])
 def test_presets_on_gpu(name):
-    from qmoe.bench import random_expert_weights
-
     spec = qmoe.presets[name]
     fmts = ("mxfp4", "nvfp4", "int4") if name == "qwen3-30b-a3b" else (qmoe.spec.PRESET_FORMATS[name],)
     for fmt in fmts:
-        w = random_expert_weights(spec, fmt, "cuda", seed=1)
+        w = random_weights(spec, fmt, "cuda", seed=1, bias_std=0.5)
         moe = qmoe.MoE(spec, w, backend="triton")
         for M in (1, 3, 64, 1024):
             x = torch.randn(M, spec.hidden_size, device="cuda").to(torch.bfloat16)
@@ -158,9 +157,7 @@ def test_presets_on_gpu(name):
 @pytest.mark.parametrize("M", [1, 16, 300, 2048])
 def test_cuda_graph_replay_equals_eager(M):
     spec = dataclasses.replace(qmoe.presets["gpt-oss-20b"])
-    from qmoe.bench import random_expert_weights
-
-    w = random_expert_weights(spec, "mxfp4", "cuda", seed=2)
+    w = random_weights(spec, "mxfp4", "cuda", seed=2, bias_std=0.5)
     moe = qmoe.MoE(spec, w, backend="triton", check_ids=False)
     x = torch.randn(M, spec.hidden_size, device="cuda").to(torch.bfloat16)
     logits = torch.randn(M, spec.num_experts, device="cuda")

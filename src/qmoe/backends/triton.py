@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from ..spec import MoESpec
-from ..weights import ExpertWeights
+from ..weights import ExpertWeights, random_weights
 from .base import Backend, Prepared, Support, cuda_capability
 
 FORMATS = ("mxfp4", "nvfp4", "int4")
@@ -178,7 +178,6 @@ class TritonBackend(Backend):
         """
         from dataclasses import asdict
 
-        from ..bench import random_expert_weights
         from ..kernels.moe import fused_moe
         from ..routing import route
         from ..timing import measure
@@ -187,7 +186,7 @@ class TritonBackend(Backend):
         warmup = 5
         if device.type == "cpu":  # the interpreter: times mean little there, keep the run short
             warmup, reps = 1, min(reps, 2)
-        weights = weights or random_expert_weights(spec, fmt, device)
+        weights = weights or random_weights(spec, fmt, device, bias_std=0.5)
         prep = self.prepare(spec, weights)
         kw, act = prep.meta["kernel_weights"], spec.activation
         plan = [(bucket_of(m), self.candidates(bucket_of(m), spec.top_k, spec.num_experts)) for m in ms]

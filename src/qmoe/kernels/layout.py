@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 KT = 128
-"""Elements of K per kernel tile; every kernel iteration consumes one tile per row."""
+"""K is padded to a multiple of this (a whole number of chunks for every format)."""
 
 PAD = 128
 """N and K are padded to multiples of this."""

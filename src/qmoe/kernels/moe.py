@@ -27,8 +27,8 @@ from .layout import from_kernel_layout, round_up, to_kernel_layout
 FORMAT_CODES = {"mxfp4": K.FMT_MXFP4, "nvfp4": K.FMT_NVFP4, "int4": K.FMT_INT4}
 FORMAT_BLOCKS = {"mxfp4": 32, "nvfp4": 16, "int4": 32}
 SMALL_GROUPING_MAX = 256
-"""Up to this many (token, expert) slots, grouping runs as one Triton program; above it, as
-a few PyTorch ops (sort + cumsum), whose launch cost is small next to prefill GEMMs."""
+"""Up to this many (token, expert) slots, grouping runs as one Triton program (one launch,
+for decode); above it, as three small kernels (rank, expert starts, placement)."""
 
 
 def interpreted() -> bool:
@@ -218,11 +218,11 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     interp = interpreted()
     cdt = tl.float32 if interp else tl.bfloat16
     BM = cfg.block_m
-    has_bias1, has_bias2 = weights.b13 is not None, weights.b2 is not None
-    dummy = weights.w13  # for absent optional pointers (never read)
     if BM == 1:
         return _fused_moe_gemv(x, topk_ids, topk_weights, weights, alpha, beta, limit, cfg, out,
                                shared_output, fmt, G, interp, stats)
+    has_bias1, has_bias2 = weights.b13 is not None, weights.b2 is not None
+    dummy = weights.w13  # for absent optional pointers (never read)
     grp = group_tokens(topk_ids, E, BM)
     NB = grp.num_blocks
     inter = torch.empty(NB * BM, Ip, dtype=torch.bfloat16, device=x.device)
@@ -246,12 +246,17 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         FMT=fmt, G=G, HAS_BIAS=has_bias2,
         BM=BM, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if stats is not None:
-        for name, kern in (("gemm1", k1), ("gemm2", k2)):
-            stats[name] = {"regs": getattr(kern, "n_regs", None), "spills": getattr(kern, "n_spills", None),
-                           "shared": getattr(getattr(kern, "metadata", None), "shared", None),
-                           "grid": NB * (n1 if name == "gemm1" else n2)}
+    _record(stats, (("gemm1", k1, NB * n1), ("gemm2", k2, NB * n2)))
     return _combine(y, topk_ids, out, shared_output)
+
+
+def _record(stats, launches):
+    """stats[name] = registers / spills / shared memory / grid of each launched kernel."""
+    if stats is None:
+        return
+    for name, kern, grid in launches:
+        stats[name] = {"regs": getattr(kern, "n_regs", None), "spills": getattr(kern, "n_spills", None),
+                       "shared": getattr(getattr(kern, "metadata", None), "shared", None), "grid": grid}
 
 
 def _combine(y, topk_ids, out, shared_output):
@@ -292,8 +297,5 @@ def _fused_moe_gemv(x, topk_ids, topk_weights, weights, alpha, beta, limit, cfg,
         y, topk_ids, topk_weights, H, Hp, Ip, weights.I, n2, weights.w2.stride(1), weights.s2.stride(1),
         FMT=fmt, G=G, HAS_BIAS=weights.b2 is not None,
         BN=cfg.block_n2, ASM=not interp, U=cfg.k_unroll, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if stats is not None:
-        for name, kern, grid in (("gemm1", k1, M * k * n1), ("gemm2", k2, M * k * n2)):
-            stats[name] = {"regs": getattr(kern, "n_regs", None), "spills": getattr(kern, "n_spills", None),
-                           "shared": getattr(getattr(kern, "metadata", None), "shared", None), "grid": grid}
+    _record(stats, (("gemm1", k1, M * k * n1), ("gemm2", k2, M * k * n2)))
     return _combine(y, topk_ids, out, shared_output)
