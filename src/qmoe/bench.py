@@ -68,7 +68,7 @@ def run_bench(presets, formats, tokens, backends, *, device, reps=50, check=True
     from . import MoE
     from .backends import BACKEND_NAMES, get_backend
     from .backends.reference import reference_moe
-    from .routing import route
+    from .dispatch import route  # what MoE.__call__ runs (the fused kernel on a GPU)
     from .spec import PRESET_FORMATS, preset
     from .timing import measure, roofline
     from .weights import random_weights

@@ -15,17 +15,24 @@ Selection from a tuning entry (see qmoe.tuning), among the backends usable now:
     weights' bytes; a single layout is always allowed, it is needed to run at all);
 - a token count M runs the bucket nearest to it on a log scale (M in (sqrt(4*16), sqrt(16*64)]
   runs bucket 16); beyond the last bucket, the last bucket's choice.
+
+Routing: `route` runs the fused Triton routing kernel (one launch) where `routing_support`
+says it can (CUDA logits, Triton importable, not interpreted, a mode and size the kernel
+covers), else the reference qmoe.routing.route; both give the same ids and weights.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
 
-from . import tuning
-from .backends import Prepared, get_backend
+import torch
+
+from . import routing, tuning
+from .backends import Prepared, Support, get_backend
 from .spec import MoESpec
 from .weights import ExpertWeights
 
@@ -308,5 +315,51 @@ def _measured_plan(spec, weights, found, budget, budget_note, notes):
     return Plan(prepared, ranges, notes)
 
 
+@functools.lru_cache(maxsize=None)
+def _fused_routing_kernel():
+    """(qmoe.kernels.routing or None, why not): imported once."""
+    try:
+        from .kernels import routing as kernel
+        from .kernels.moe import interpreted
+    except Exception as e:  # no triton, or a triton that fails to import: route in PyTorch
+        return None, f"triton is not importable ({type(e).__name__}: {e})"
+    if interpreted():
+        return None, "TRITON_INTERPRET is set (the interpreter is slower than PyTorch)"
+    return kernel, ""
+
+
+def routing_support(spec: MoESpec, device, logits_dtype: torch.dtype = torch.float32,
+                    bias_dtype: torch.dtype | None = None) -> Support:
+    """Whether `route` runs the fused Triton routing kernel for this spec, device and dtypes;
+    the reason either way. Never raises."""
+    if torch.device(device).type != "cuda":
+        return Support(False, f"reference routing in PyTorch: the fused kernel needs CUDA logits, got {device}")
+    kernel, why = _fused_routing_kernel()
+    if kernel is None:
+        return Support(False, f"reference routing in PyTorch: {why}")
+    for name, dt in (("router_logits", logits_dtype), ("correction_bias", bias_dtype)):
+        if dt is not None and dt not in kernel.LOGIT_DTYPES:
+            return Support(False, f"reference routing in PyTorch: the fused kernel does not load {name} of {dt}")
+    ok, why = kernel.supports(spec.routing.mode, spec.num_experts, spec.top_k)
+    return Support(ok, why if ok else f"reference routing in PyTorch: {why}")
+
+
+def route(spec: MoESpec, router_logits: torch.Tensor, correction_bias: torch.Tensor | None = None):
+    """Top-k experts per token, as qmoe.routing.route, in one fused kernel where possible.
+
+    router_logits: [M, E] float (computed in fp32); correction_bias: [E] float or None
+    ("sigmoid_grouped", "sqrt_softplus" selection only). Returns topk_ids int32 [M, k],
+    topk_weights float32 [M, k], best first. No host sync; CUDA-graph capturable.
+    """
+    routing.check_inputs(spec, router_logits, correction_bias)
+    bias_dtype = None if correction_bias is None else correction_bias.dtype
+    if not routing_support(spec, router_logits.device, router_logits.dtype, bias_dtype).ok:
+        return routing.route(spec, router_logits, correction_bias)
+    r = spec.routing
+    return _fused_routing_kernel()[0].fused_route(
+        router_logits, spec.top_k, r.mode, r.renormalize, r.routed_scaling_factor, r.n_group, r.topk_group,
+        correction_bias)
+
+
 __all__ = ["Choice", "DEFAULT_LAYOUT_BUDGET", "Plan", "Prepared", "STATIC_ORDER", "bucket_ranges",
-           "choose_layouts", "make_plan"]
+           "choose_layouts", "make_plan", "route", "routing_support"]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from .backends import get_backend
-from .dispatch import make_plan
-from .routing import route
+from .dispatch import make_plan, route
 from .spec import MoESpec
 from .weights import ExpertWeights
 
@@ -60,7 +59,7 @@ class MoE:
     def __call__(self, x: torch.Tensor, router_logits: torch.Tensor,
                  correction_bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                  shared_output: torch.Tensor | None = None) -> torch.Tensor:
-        """Route and compute.
+        """Route (qmoe.dispatch.route: one fused Triton kernel on a GPU) and compute.
 
         x: [M, H] bf16 (fp16, fp32 accepted); router_logits: [M, E] float;
         correction_bias: [E] float or None (sigmoid_grouped / sqrt_softplus routing);

@@ -1,4 +1,9 @@
-"""Routing: router logits -> (topk_ids, topk_weights), on the logits' device, no host sync."""
+"""Routing: router logits -> (topk_ids, topk_weights), on the logits' device, no host sync.
+
+`route` here is the reference semantics, in PyTorch (~7 small kernels on a GPU). What MoE
+runs is qmoe.dispatch.route: the same answer from one fused Triton kernel
+(qmoe.kernels.routing) where it can, else this.
+"""
 
 from __future__ import annotations
 
@@ -16,22 +21,8 @@ def route(spec: MoESpec, router_logits: torch.Tensor, correction_bias: torch.Ten
         "sqrt_softplus"); ignored by "softmax"
     Returns topk_ids int32 [M, k], topk_weights float32 [M, k].
     """
+    check_inputs(spec, router_logits, correction_bias)
     E, k = spec.num_experts, spec.top_k
-    if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2 or router_logits.shape[1] != E:
-        got = list(router_logits.shape) if isinstance(router_logits, torch.Tensor) else type(router_logits).__name__
-        raise ValueError(f"router_logits: expected shape [M, {E}], got {got}")
-    if not router_logits.is_floating_point():
-        raise ValueError(f"router_logits: expected a float tensor, got {router_logits.dtype}")
-    if correction_bias is not None:
-        if not isinstance(correction_bias, torch.Tensor) or tuple(correction_bias.shape) != (E,):
-            got = (list(correction_bias.shape) if isinstance(correction_bias, torch.Tensor)
-                   else type(correction_bias).__name__)
-            raise ValueError(f"correction_bias: expected shape [{E}], got {got}")
-        if not correction_bias.is_floating_point():
-            raise ValueError(f"correction_bias: expected a float tensor, got {correction_bias.dtype}")
-        if correction_bias.device != router_logits.device:
-            raise ValueError(f"correction_bias: expected device {router_logits.device}, "
-                             f"got {correction_bias.device}")
     logits = router_logits.float()
     r = spec.routing
     if r.mode == "softmax":
@@ -59,3 +50,26 @@ def route(spec: MoESpec, router_logits: torch.Tensor, correction_bias: torch.Ten
             w = w / w.sum(dim=-1, keepdim=True)
         w = w * r.routed_scaling_factor
     return ids.to(torch.int32), w.float()
+
+
+def check_inputs(spec: MoESpec, router_logits, correction_bias=None) -> None:
+    """ValueError naming the argument unless route(spec, router_logits, correction_bias) can run.
+
+    Checks shapes, dtypes and devices only (no host sync); every routing path calls it.
+    """
+    E = spec.num_experts
+    if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2 or router_logits.shape[1] != E:
+        got = list(router_logits.shape) if isinstance(router_logits, torch.Tensor) else type(router_logits).__name__
+        raise ValueError(f"router_logits: expected shape [M, {E}], got {got}")
+    if not router_logits.is_floating_point():
+        raise ValueError(f"router_logits: expected a float tensor, got {router_logits.dtype}")
+    if correction_bias is not None:
+        if not isinstance(correction_bias, torch.Tensor) or tuple(correction_bias.shape) != (E,):
+            got = (list(correction_bias.shape) if isinstance(correction_bias, torch.Tensor)
+                   else type(correction_bias).__name__)
+            raise ValueError(f"correction_bias: expected shape [{E}], got {got}")
+        if not correction_bias.is_floating_point():
+            raise ValueError(f"correction_bias: expected a float tensor, got {correction_bias.dtype}")
+        if correction_bias.device != router_logits.device:
+            raise ValueError(f"correction_bias: expected device {router_logits.device}, "
+                             f"got {correction_bias.device}")
