@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import qmoe
-from qmoe.kernels.layout import KT, from_kernel_layout, to_kernel_layout
+from qmoe.kernels.layout import E2M1_WORD_BITS, INT4_WORD_BITS, KT, from_kernel_layout, to_kernel_layout
 from qmoe.kernels.moe import MoEKernelWeights
 
 SCALE_DTYPES = {"mxfp4": torch.uint8, "nvfp4": torch.float8_e4m3fn, "int4": torch.bfloat16}
@@ -20,6 +20,45 @@ def test_round_trip(fmt, halves, N, K):
     d2, s2 = from_kernel_layout(d, s, N, K, block, SCALE_DTYPES[fmt], halves=halves)
     assert torch.equal(d2, q.data)
     assert torch.equal(s2.view(torch.uint8), q.scales.view(torch.uint8))
+
+
+@pytest.mark.parametrize("fmt,word_bits", [("mxfp4", E2M1_WORD_BITS), ("nvfp4", E2M1_WORD_BITS),
+                                           ("int4", INT4_WORD_BITS)])
+def test_round_trip_with_word_bits(fmt, word_bits):
+    q = qmoe.quantize(torch.randn(2, 2 * 80, 224), fmt)
+    block = qmoe.formats.block_size(fmt)
+    d, s = to_kernel_layout(q.data, q.scales, block, halves=2, word_bits=word_bits)
+    d2, s2 = from_kernel_layout(d, s, 2 * 80, 224, block, SCALE_DTYPES[fmt], halves=2, word_bits=word_bits)
+    assert torch.equal(d2, q.data) and torch.equal(s2.view(torch.uint8), q.scales.view(torch.uint8))
+
+
+def test_word_bits_give_the_values_the_gpu_decode_extracts():
+    """The byte duplication, shifts and masks of the GPU decode (kernels/_moe_kernels.py)
+    applied to arranged bytes give each code where bf16 wants it: E2M1 sign at bit 15 and
+    magnitude at bits 6..8 of a 16-bit lane; int4 in the low nibble (after the >> 4 for the
+    high half)."""
+    codes = torch.randint(0, 16, (3, 64), dtype=torch.uint8)  # one mxfp4 chunk per row
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    lo, hi = codes[:, :32].long(), codes[:, 32:].long()
+    for word_bits in (E2M1_WORD_BITS, INT4_WORD_BITS):
+        d, _ = to_kernel_layout(packed[None], torch.zeros(1, 3, 2, dtype=torch.uint8), 32, word_bits=word_bits)
+        x = d[0, :3, :32].long() * 0x101  # each byte in both bytes of a 16-bit lane
+        if word_bits is E2M1_WORD_BITS:
+            got_lo = (x & 0x01C0) | ((x << 6) & 0x8000)
+            got_hi = ((x << 3) & 0x01C0) | ((x << 5) & 0x8000)
+            bf16 = lambda c: ((c & 8) << 12) | ((c & 7) << 6)
+            assert torch.equal(got_lo, bf16(lo)) and torch.equal(got_hi, bf16(hi))
+        else:
+            assert torch.equal(x & 0xF, lo) and torch.equal((x >> 4) & 0xF, hi)
+
+
+def test_fold_flag_follows_the_largest_mxfp4_scale():
+    E, I, H = 2, 64, 64
+    small = qmoe.ExpertWeights.from_float(torch.randn(E, 2 * I, H) / 8, torch.randn(E, H, I) / 8, "mxfp4")
+    big = qmoe.ExpertWeights.from_float(torch.randn(E, 2 * I, H) * 100, torch.randn(E, H, I) / 8, "mxfp4")
+    for w, fold13 in ((small, True), (big, False)):
+        kw = MoEKernelWeights.from_canonical("mxfp4", w.w13.data, w.w13.scales, w.w2.data, w.w2.scales)
+        assert (kw.fold13, kw.fold2) == (fold13, True)
 
 
 def test_nibble_placement_and_padding():

@@ -181,3 +181,22 @@ def test_cuda_graph_replay_equals_eager(M):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, moe(x, logits))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_large_scales_on_gpu(fmt):
+    """Weights of std 50: mxfp4 scales above 2 take the two-multiply decode (fold off)."""
+    spec = qmoe.presets["qwen3-30b-a3b"]
+    w = random_weights(spec, fmt, "cuda", seed=3, weight_std=50.0, bias_std=0.5)
+    moe = qmoe.MoE(spec, w, backend="triton")
+    kw = moe.plan.prepared["triton"].meta["kernel_weights"]
+    assert (kw.fold13, kw.fold2) == ((False, False) if fmt == "mxfp4" else (True, True))
+    for M in (1, 64):
+        x = torch.randn(M, spec.hidden_size, device="cuda").to(torch.bfloat16)
+        ids, tw = qmoe.route(spec, torch.randn(M, spec.num_experts, device="cuda"))
+        out = torch.full((M, spec.hidden_size), float("nan"), dtype=torch.bfloat16, device="cuda")
+        moe.experts(x, ids, tw, out=out)
+        err = rel_err(out, reference_moe(spec, w, x, ids, tw))
+        assert err < TOL, f"{fmt} M={M}: {err}"

@@ -154,15 +154,16 @@ class TritonBackend(Backend):
         per_expert = m * top_k / num_experts
         out = [default_config(m, top_k, num_experts)]
         if per_expert <= 8:
-            out += [C(16, n1, n2, False, w, 3, u) for n1, n2 in ((16, 16), (32, 16), (32, 32), (32, 64), (64, 64))
-                    for w in (2, 4) for u in (2, 4)]
-            out += [C(1, 16, 16, False, 1, 3, 4), C(1, 32, 32, False, 2, 3, 4), C(16, 64, 64, True, 4, 3, 2)]
+            out += [C(16, n1, n2, False, 4, st, u) for n1, n2 in ((32, 64), (64, 64), (32, 32))
+                    for u in (2, 4) for st in (3, 5)]
+            out += [C(16, 64, 64, True, 4, 3, 2)]
         if 2 <= per_expert <= 64:
-            out += [C(32, 64, 64, False, 4, 3, 2), C(32, 32, 32, False, 4, 3, 2), C(32, 64, 64, True, 4, 3, 2),
-                    C(64, 64, 64, True, 4, 3, 2)]
+            out += [C(32, 64, 64, False, 4, st, u) for u in (2, 4) for st in (3, 5)]
+            out += [C(32, 32, 64, False, 4, 3, 2), C(32, 64, 64, True, 4, 3, 2), C(64, 64, 64, True, 4, 3, 2)]
         if per_expert >= 16:
             out += [C(64, 64, 64, True, 4, 3, 2), C(128, 64, 64, True, 4, 3, 2), C(128, 128, 128, False, 8, 3, 2),
-                    C(128, 64, 128, True, 4, 3, 2), C(128, 128, 64, True, 8, 3, 2), C(64, 128, 128, True, 8, 3, 2)]
+                    C(128, 64, 128, True, 4, 3, 2), C(128, 128, 64, True, 8, 3, 2), C(64, 128, 128, True, 8, 3, 2),
+                    C(128, 64, 64, True, 4, 4, 2), C(128, 128, 128, True, 8, 3, 1)]
         return list(dict.fromkeys(out))
 
     def tune(self, spec: MoESpec, fmt: str, ms, device, progress=None, weights: ExpertWeights | None = None,

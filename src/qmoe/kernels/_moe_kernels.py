@@ -27,40 +27,58 @@ FMT_INT4 = 2
 
 _TWO_POW_126 = tl.constexpr(8.507059173023462e37)
 _TWO_POW_120 = tl.constexpr(1.329227995784916e36)
+_TWO_POW_118 = tl.constexpr(3.323069989462290e35)
+NVFP4_POST = 256.0
+"""nvfp4 on the GPU: scales enter the decode as E4M3 x 2^118 (so E2M1 x 2^-126 times the
+scale is exact in bf16 and never overflows); the accumulator is multiplied by 2^8 after."""
+_NVFP4_POST = tl.constexpr(NVFP4_POST)
 
-# 4 packed bytes ($4) and the two halves' scales ($5, $6 and $7, $8: bf16x2) -> low-nibble values
-# ($0, $1) and high-nibble values ($2, $3), each 4 bf16. E2M1 magnitude bits go to the low
-# exponent bits and top mantissa bit of a bf16 (value x 2^-126, exact incl. the subnormal
-# 0.5), the sign to bit 15; x 2^126 (0x7E80) restores the value, x scale applies the block.
+# E2M1: four packed bytes ($4, arranged by layout.E2M1_WORD_BITS) -> four bf16 pairs ($0, $1:
+# low-half values of bytes 0,1 and 2,3; $2, $3: high-half values). prmt duplicates each byte
+# into both bytes of a 16-bit lane; masks and shifts put sign and magnitude bits where a bf16
+# wants them (value x 2^-126, exact); one bf16x2 multiply applies a scale that already carries
+# the 2^126 ($5, $6 low half; $7, $8 high half). 20 instructions per 8 weights.
 _ASM_E2M1 = tl.constexpr("""
 {
-.reg .b32 t0, t1, a, b, k;
-mov.b32 k, 0x7E807E80;
-prmt.b32 t0, $4, 0, 0x4140;
-prmt.b32 t1, $4, 0, 0x4342;
-shl.b32 a, t0, 6;  shl.b32 b, t0, 12; and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA;
-mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $0, a, $5;
-shl.b32 a, t1, 6;  shl.b32 b, t1, 12; and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA;
-mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $1, a, $6;
-shl.b32 a, t0, 2;  shl.b32 b, t0, 8;  and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA;
-mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $2, a, $7;
-shl.b32 a, t1, 2;  shl.b32 b, t1, 8;  and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA;
-mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $3, a, $8;
+.reg .b32 x, a, b;
+prmt.b32 x, $4, 0, 0x1100;
+and.b32 a, x, 0x01C001C0; shl.b32 b, x, 6; lop3.b32 a, b, 0x80008000, a, 0xEA; mul.rn.bf16x2 $0, a, $5;
+shl.b32 a, x, 3; shl.b32 b, x, 5; and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA; mul.rn.bf16x2 $2, a, $7;
+prmt.b32 x, $4, 0, 0x3322;
+and.b32 a, x, 0x01C001C0; shl.b32 b, x, 6; lop3.b32 a, b, 0x80008000, a, 0xEA; mul.rn.bf16x2 $1, a, $6;
+shl.b32 a, x, 3; shl.b32 b, x, 5; and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA; mul.rn.bf16x2 $3, a, $8;
 }
 """)
 
-# int4: bf16 0x4300 | u is 128 + u exactly for u < 128; u = code ^ 8 maps -8..7 to 0..15,
-# so (0x4300 | (code ^ 8)) - 136 is the signed value; then x scale.
+# The same where scale x 2^126 would overflow bf16 (mxfp4 scales above 2^1): x 2^126
+# (0x7E80) first, then the plain scale.
+_ASM_E2M1_UNFOLDED = tl.constexpr("""
+{
+.reg .b32 x, a, b, k;
+mov.b32 k, 0x7E807E80;
+prmt.b32 x, $4, 0, 0x1100;
+and.b32 a, x, 0x01C001C0; shl.b32 b, x, 6; lop3.b32 a, b, 0x80008000, a, 0xEA; mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $0, a, $5;
+shl.b32 a, x, 3; shl.b32 b, x, 5; and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA; mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $2, a, $7;
+prmt.b32 x, $4, 0, 0x3322;
+and.b32 a, x, 0x01C001C0; shl.b32 b, x, 6; lop3.b32 a, b, 0x80008000, a, 0xEA; mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $1, a, $6;
+shl.b32 a, x, 3; shl.b32 b, x, 5; and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA; mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $3, a, $8;
+}
+""")
+
+# int4 (layout.INT4_WORD_BITS: byte i = c_i | c_{4+i} << 4): prmt spreads bytes 0,1 (2,3) into
+# 16-bit lanes; bf16 0x4300 | u is 128 + u exactly for u < 128; u = code ^ 8 maps -8..7 to
+# 0..15, so (0x4300 | (code ^ 8)) - 136 is the signed value; then x scale.
+# lop3 0x6A = (a & b) ^ c.
 _ASM_INT4 = tl.constexpr("""
 {
 .reg .b32 t0, t1, a, k;
 mov.b32 k, 0x43084308;
 prmt.b32 t0, $4, 0, 0x4140;
 prmt.b32 t1, $4, 0, 0x4342;
-and.b32 a, t0, 0x000F000F; xor.b32 a, a, 0x43084308; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $0, a, $5;
-and.b32 a, t1, 0x000F000F; xor.b32 a, a, 0x43084308; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $1, a, $6;
-shr.b32 a, t0, 4; and.b32 a, a, 0x000F000F; xor.b32 a, a, 0x43084308; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $2, a, $7;
-shr.b32 a, t1, 4; and.b32 a, a, 0x000F000F; xor.b32 a, a, 0x43084308; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $3, a, $8;
+lop3.b32 a, t0, 0x000F000F, k, 0x6A; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $0, a, $5;
+lop3.b32 a, t1, 0x000F000F, k, 0x6A; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $1, a, $6;
+shr.b32 a, t0, 4; lop3.b32 a, a, 0x000F000F, k, 0x6A; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $2, a, $7;
+shr.b32 a, t1, 4; lop3.b32 a, a, 0x000F000F, k, 0x6A; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $3, a, $8;
 }
 """)
 
@@ -88,37 +106,84 @@ def _scale_to_f32(s, FMT: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk(w_rows, s_rows, c, nch, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
-                CDT: tl.constexpr, ASM: tl.constexpr):
-    """Chunk c (2G elements) of BN rows -> (lo, hi): [BN, G] each in CDT, scales applied;
-    zeros for c >= nch (the tail of an unrolled loop).
+def _scale_for_asm(s, FMT: tl.constexpr, FOLD: tl.constexpr):
+    """Raw scales (uint32 of the raw bits) -> the bf16 the GPU decode multiplies by:
+    mxfp4 folded 2^(s-1) (= scale x 2^126, exact for s <= 128: one integer op), mxfp4
+    unfolded 2^(s-127) (0 -> 2^-127, 255 -> NaN), nvfp4 E4M3 x 2^118, int4 the bf16 itself."""
+    if FMT == 0:
+        if FOLD:
+            bits = (s + 126) << 7
+        else:
+            bits = tl.where(s == 0, 0x40, tl.where(s == 255, 0x7FC0, s << 7))
+        return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    elif FMT == 1:
+        return (_scale_to_f32(s, 1) * _TWO_POW_118).to(tl.bfloat16)
+    else:
+        return s.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _word_code(w, B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr):
+    return ((w >> B0) & 1) | (((w >> B1) & 1) << 1) | (((w >> B2) & 1) << 2) | (((w >> B3) & 1) << 3)
+
+
+@triton.jit
+def _interleave4(a, b, c, d):
+    """[R, Q] x 4 -> [R, 4Q] with out[:, 4q + i] = (a, b, c, d)[i][:, q]."""
+    x = tl.join(tl.join(a, c), tl.join(b, d))
+    return tl.reshape(x, (x.shape[0], 4 * x.shape[1]))
+
+
+@triton.jit
+def _chunk_codes(w_rows, c, BN: tl.constexpr, G: tl.constexpr, FMT: tl.constexpr):
+    """Interpreter path: chunk c's codes as (lo, hi) [BN, G] uint32 from the arranged words."""
+    q = tl.arange(0, G // 4)
+    wp = (w_rows + (c * G + 4 * q)[None, :]).to(tl.pointer_type(tl.uint32))
+    w = tl.load(wp)
+    if FMT == 2:
+        lo = _interleave4(w & 0xF, (w >> 8) & 0xF, (w >> 16) & 0xF, (w >> 24) & 0xF)
+        hi = _interleave4((w >> 4) & 0xF, (w >> 12) & 0xF, (w >> 20) & 0xF, (w >> 28) & 0xF)
+    else:
+        lo = _interleave4(_word_code(w, 6, 7, 0, 1), _word_code(w, 14, 15, 8, 9),
+                          _word_code(w, 22, 23, 16, 17), _word_code(w, 30, 31, 24, 25))
+        hi = _interleave4(_word_code(w, 3, 4, 5, 2), _word_code(w, 11, 12, 13, 10),
+                          _word_code(w, 19, 20, 21, 18), _word_code(w, 27, 28, 29, 26))
+    return lo, hi
+
+
+@triton.jit
+def _load_chunk(w_rows, s_rows, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+                CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr):
+    """Chunk c (2G elements) of BN rows -> (lo, hi): [BN, G] each in CDT, scales applied
+    (on the GPU, nvfp4 values come out x 2^-8: see NVFP4_POST). No masks: the weights are
+    padded, callers only ask for chunks that exist.
 
     w_rows: [BN, 1] pointers to each row's packed bytes; s_rows: [BN, 1] pointers to its scales."""
-    ok = (tl.zeros((1, 1), dtype=tl.int32) + c) < nch  # a tensor mask (the interpreter refuses scalars)
-    b = tl.load(w_rows + (c * G + tl.arange(0, G))[None, :], mask=ok, other=0)   # [BN, G] uint8
-    s_lo = _scale_to_f32(tl.load(s_rows + 2 * c, mask=ok, other=0).to(tl.uint32), FMT)    # [BN, 1]
-    s_hi = _scale_to_f32(tl.load(s_rows + 2 * c + 1, mask=ok, other=0).to(tl.uint32), FMT)
+    s_lo = tl.load(s_rows + 2 * c).to(tl.uint32)    # [BN, 1] raw
+    s_hi = tl.load(s_rows + 2 * c + 1).to(tl.uint32)
     if ASM:
-        slo = tl.broadcast_to(s_lo.to(tl.bfloat16), (BN, G))
-        shi = tl.broadcast_to(s_hi.to(tl.bfloat16), (BN, G))
+        b = tl.load(w_rows + (c * G + tl.arange(0, G))[None, :])   # [BN, G] uint8
+        slo = tl.broadcast_to(_scale_for_asm(s_lo, FMT, FOLD), (BN, G))
+        shi = tl.broadcast_to(_scale_for_asm(s_hi, FMT, FOLD), (BN, G))
         if FMT == 2:
             lo, hi = tl.inline_asm_elementwise(_ASM_INT4, "=r,=r,=r,=r,r,r,r,r,r", [b, slo, shi],
                                                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-        else:
+        elif FOLD:
             lo, hi = tl.inline_asm_elementwise(_ASM_E2M1, "=r,=r,=r,=r,r,r,r,r,r", [b, slo, shi],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(_ASM_E2M1_UNFOLDED, "=r,=r,=r,=r,r,r,r,r,r", [b, slo, shi],
                                                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
         return lo, hi
     else:
-        b32 = b.to(tl.uint32)
-        c_lo = b32 & 0xF
-        c_hi = b32 >> 4
+        c_lo, c_hi = _chunk_codes(w_rows, c, BN, G, FMT)
         if FMT == 2:
             v_lo = ((c_lo ^ 8).to(tl.int32) - 8).to(tl.float32)
             v_hi = ((c_hi ^ 8).to(tl.int32) - 8).to(tl.float32)
         else:
             v_lo = _e2m1_to_f32(c_lo)
             v_hi = _e2m1_to_f32(c_hi)
-        return (v_lo * s_lo).to(CDT), (v_hi * s_hi).to(CDT)
+        return (v_lo * _scale_to_f32(s_lo, FMT)).to(CDT), (v_hi * _scale_to_f32(s_hi, FMT)).to(CDT)
 
 
 @triton.jit
@@ -132,6 +197,40 @@ def _mma(acc, a, w, SWAP: tl.constexpr):
 
 
 @triton.jit
+def _gemm1_chunk(acc_g, acc_u, x_rows, H, wg_rows, wu_rows, sg_rows, su_rows, c,
+                 BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
+                 FOLD: tl.constexpr, SWAP: tl.constexpr, MASK: tl.constexpr):
+    """acc_g / acc_u += x rows (chunk c) @ gate / up rows (chunk c)^T; MASK: x columns >= H read 0."""
+    kl = c * 2 * G + tl.arange(0, G)
+    kh = kl + G
+    if MASK:
+        a_lo = tl.load(x_rows + kl[None, :], mask=(kl < H)[None, :], other=0.0).to(CDT)
+        a_hi = tl.load(x_rows + kh[None, :], mask=(kh < H)[None, :], other=0.0).to(CDT)
+    else:
+        a_lo = tl.load(x_rows + kl[None, :]).to(CDT)
+        a_hi = tl.load(x_rows + kh[None, :]).to(CDT)
+    g_lo, g_hi = _load_chunk(wg_rows, sg_rows, c, BN, FMT, G, CDT, ASM, FOLD)
+    u_lo, u_hi = _load_chunk(wu_rows, su_rows, c, BN, FMT, G, CDT, ASM, FOLD)
+    acc_g = _mma(acc_g, a_lo, g_lo, SWAP)
+    acc_g = _mma(acc_g, a_hi, g_hi, SWAP)
+    acc_u = _mma(acc_u, a_lo, u_lo, SWAP)
+    acc_u = _mma(acc_u, a_hi, u_hi, SWAP)
+    return acc_g, acc_u
+
+
+@triton.jit
+def _gemm2_chunk(acc, a_rows, w_rows, s_rows, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+                 CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr, SWAP: tl.constexpr):
+    """acc += intermediate rows (chunk c) @ w2 rows (chunk c)^T."""
+    kl = c * 2 * G + tl.arange(0, G)
+    a_lo = tl.load(a_rows + kl[None, :]).to(CDT)
+    a_hi = tl.load(a_rows + (kl + G)[None, :]).to(CDT)
+    w_lo, w_hi = _load_chunk(w_rows, s_rows, c, BN, FMT, G, CDT, ASM, FOLD)
+    acc = _mma(acc, a_lo, w_lo, SWAP)
+    return _mma(acc, a_hi, w_hi, SWAP)
+
+
+@triton.jit
 def moe_gemm1_kernel(
     x_ptr, stride_xm,                 # [M, H] activations
     w_ptr, s_ptr, gs_ptr, b_ptr,      # w13 [E, 2Ip, Kp/2] u8; scales [E, 2Ip, Kp/G]; gs [E] f32; b13 [E, 2Ip] f32
@@ -141,7 +240,7 @@ def moe_gemm1_kernel(
     alpha, beta, limit,
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
-    U: tl.constexpr,
+    U: tl.constexpr, FOLD: tl.constexpr,
 ):
     """GEMM1 + SwiGLU: for one block of BM sorted token slots of one expert and BN intermediate
     columns, gather the tokens' rows of x (no permuted copy), multiply by the gate and up rows
@@ -170,28 +269,23 @@ def moe_gemm1_kernel(
     else:
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    rg = tl.arange(0, G)
     nch = Kp // (2 * G)
-    # U chunks per iteration, unrolled: their loads are independent, so several are in
-    # flight per warp (the loads feed inline asm, which Triton's pipeliner does not stage)
-    for c0 in range(0, nch, U):
+    nmain = (H // (2 * G)) // U * U   # chunks entirely inside x's H columns, in groups of U
+    # U chunks per iteration, unrolled (their loads are independent); no masks in this loop
+    for c0 in range(0, nmain, U):
         for u in tl.static_range(U):
-            c = c0 + u
-            kl = c * 2 * G + rg
-            kh = kl + G
-            a_lo = tl.load(x_rows + kl[None, :], mask=valid[:, None] & (kl < H)[None, :], other=0.0).to(CDT)
-            a_hi = tl.load(x_rows + kh[None, :], mask=valid[:, None] & (kh < H)[None, :], other=0.0).to(CDT)
-            g_lo, g_hi = _load_chunk(wg_rows, sg_rows, c, nch, BN, FMT, G, CDT, ASM)
-            u_lo, u_hi = _load_chunk(wu_rows, su_rows, c, nch, BN, FMT, G, CDT, ASM)
-            acc_g = _mma(acc_g, a_lo, g_lo, SWAP)
-            acc_g = _mma(acc_g, a_hi, g_hi, SWAP)
-            acc_u = _mma(acc_u, a_lo, u_lo, SWAP)
-            acc_u = _mma(acc_u, a_hi, u_hi, SWAP)
+            acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, H, wg_rows, wu_rows, sg_rows, su_rows, c0 + u,
+                                        BN, FMT, G, CDT, ASM, FOLD, SWAP, False)
+    for c in range(nmain, nch):       # the rest, one chunk at a time, x columns masked at H
+        acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, H, wg_rows, wu_rows, sg_rows, su_rows, c,
+                                    BN, FMT, G, CDT, ASM, FOLD, SWAP, True)
     if SWAP:
         acc_g = tl.trans(acc_g)
         acc_u = tl.trans(acc_u)
     if FMT == 1:
         gs = tl.load(gs_ptr + e)
+        if ASM:
+            gs = gs * _NVFP4_POST
         acc_g = acc_g * gs
         acc_u = acc_u * gs
     if HAS_BIAS:
@@ -213,7 +307,7 @@ def moe_gemm2_kernel(
     H, Hp, Ip, n_tiles, KB, NSC,
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
-    U: tl.constexpr,
+    U: tl.constexpr, FOLD: tl.constexpr,
 ):
     """GEMM2: one block of BM intermediate rows (one expert) times BN rows of w2, plus b2,
     times each slot's routing weight, stored to that slot's row of y (combined later in a
@@ -236,21 +330,20 @@ def moe_gemm2_kernel(
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-    rg = tl.arange(0, G)
-    nch = Ip // (2 * G)
-    for c0 in range(0, nch, U):
+    nch = Ip // (2 * G)               # the intermediate has all Ip columns: no masks
+    nmain = nch // U * U
+    for c0 in range(0, nmain, U):
         for u in tl.static_range(U):
-            c = c0 + u
-            kl = c * 2 * G + rg
-            a_lo = tl.load(a_rows + kl[None, :], mask=(kl < Ip)[None, :], other=0.0).to(CDT)
-            a_hi = tl.load(a_rows + (kl + G)[None, :], mask=(kl < Ip)[None, :], other=0.0).to(CDT)
-            w_lo, w_hi = _load_chunk(w_rows, s_rows, c, nch, BN, FMT, G, CDT, ASM)
-            acc = _mma(acc, a_lo, w_lo, SWAP)
-            acc = _mma(acc, a_hi, w_hi, SWAP)
+            acc = _gemm2_chunk(acc, a_rows, w_rows, s_rows, c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP)
+    for c in range(nmain, nch):
+        acc = _gemm2_chunk(acc, a_rows, w_rows, s_rows, c, BN, FMT, G, CDT, ASM, FOLD, SWAP)
     if SWAP:
         acc = tl.trans(acc)
     if FMT == 1:
-        acc = acc * tl.load(gs_ptr + e)
+        gs = tl.load(gs_ptr + e)
+        if ASM:
+            gs = gs * _NVFP4_POST
+        acc = acc * gs
     if HAS_BIAS:
         acc += tl.load(b_ptr + e64 * Hp + rn)[None, :]
     wt = tl.load(topk_w_ptr + tl.where(valid, slots, 0), mask=valid, other=0.0)
@@ -356,182 +449,3 @@ def moe_starts_kernel(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, N
 @triton.jit
 def moe_place_kernel(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, CH: tl.constexpr):
     _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, tl.program_id(0) * CH, CH)
-
-
-# ---- decode regime: one (token, expert) slot per program, CUDA cores, no grouping ---------
-# With few tokens per expert the tensor cores idle while the weights stream, and feeding
-# them costs shared-memory layout conversions per tile. These kernels instead decode each
-# weight to fp32 in the registers it was loaded into and FMA it with the token's activations
-# (broadcast along the rows); the K reduction happens once, at the end.
-
-# 4 packed bytes ($8) -> low-nibble values ($0..$3) and high-nibble values ($4..$7), fp32,
-# exact E2M1 values (no scale): build bf16 pairs as in _ASM_E2M1, x 2^126, then split each
-# pair into two fp32 (a bf16 is the top half of an fp32).
-_ASM_E2M1_F32 = tl.constexpr("""
-{
-.reg .b32 t0, t1, a, b, k;
-mov.b32 k, 0x7E807E80;
-prmt.b32 t0, $8, 0, 0x4140;
-prmt.b32 t1, $8, 0, 0x4342;
-shl.b32 a, t0, 6;  shl.b32 b, t0, 12; and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA;
-mul.rn.bf16x2 a, a, k; shl.b32 $0, a, 16; and.b32 $1, a, 0xFFFF0000;
-shl.b32 a, t1, 6;  shl.b32 b, t1, 12; and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA;
-mul.rn.bf16x2 a, a, k; shl.b32 $2, a, 16; and.b32 $3, a, 0xFFFF0000;
-shl.b32 a, t0, 2;  shl.b32 b, t0, 8;  and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA;
-mul.rn.bf16x2 a, a, k; shl.b32 $4, a, 16; and.b32 $5, a, 0xFFFF0000;
-shl.b32 a, t1, 2;  shl.b32 b, t1, 8;  and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA;
-mul.rn.bf16x2 a, a, k; shl.b32 $6, a, 16; and.b32 $7, a, 0xFFFF0000;
-}
-""")
-
-# int4: fp32 0x43000000 | u << 16 is 128 + u exactly (u < 128); u = code ^ 8; minus 136 gives
-# the signed value. Here: place each nibble (xor 8) at bit 16 of an fp32 with exponent 2^7.
-_ASM_INT4_F32 = tl.constexpr("""
-{
-.reg .b32 t0, t1, a, k;
-mov.b32 k, 0xC3080000;
-prmt.b32 t0, $8, 0, 0x4140;
-prmt.b32 t1, $8, 0, 0x4342;
-shl.b32 a, t0, 16; and.b32 a, a, 0x000F0000; xor.b32 a, a, 0x43080000; add.f32 $0, a, k;
-and.b32 a, t0, 0x000F0000; xor.b32 a, a, 0x43080000; add.f32 $1, a, k;
-shl.b32 a, t1, 16; and.b32 a, a, 0x000F0000; xor.b32 a, a, 0x43080000; add.f32 $2, a, k;
-and.b32 a, t1, 0x000F0000; xor.b32 a, a, 0x43080000; add.f32 $3, a, k;
-shl.b32 a, t0, 12; and.b32 a, a, 0x000F0000; xor.b32 a, a, 0x43080000; add.f32 $4, a, k;
-shr.b32 a, t0, 4; and.b32 a, a, 0x000F0000; xor.b32 a, a, 0x43080000; add.f32 $5, a, k;
-shl.b32 a, t1, 12; and.b32 a, a, 0x000F0000; xor.b32 a, a, 0x43080000; add.f32 $6, a, k;
-shr.b32 a, t1, 4; and.b32 a, a, 0x000F0000; xor.b32 a, a, 0x43080000; add.f32 $7, a, k;
-}
-""")
-
-
-@triton.jit
-def _decode_f32(b, FMT: tl.constexpr, ASM: tl.constexpr):
-    """b: [BN, G] uint8 packed codes -> (lo, hi): [BN, G] fp32 code values (no scale)."""
-    if ASM:
-        if FMT == 2:
-            lo, hi = tl.inline_asm_elementwise(_ASM_INT4_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
-                                               dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
-        else:
-            lo, hi = tl.inline_asm_elementwise(_ASM_E2M1_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
-                                               dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
-        return lo, hi
-    else:
-        b32 = b.to(tl.uint32)
-        if FMT == 2:
-            return (((b32 & 0xF) ^ 8).to(tl.int32) - 8).to(tl.float32), \
-                (((b32 >> 4) ^ 8).to(tl.int32) - 8).to(tl.float32)
-        else:
-            return _e2m1_to_f32(b32 & 0xF), _e2m1_to_f32(b32 >> 4)
-
-
-@triton.jit
-def _gemv_chunk(acc, a_row_ptr, a_limit, w_rows, s_rows, c,
-                BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr, MASK: tl.constexpr):
-    """acc [BN, G] += w[:, chunk c] * a[chunk c] (both halves), scales applied per row.
-    a: fp32 activations; MASK only for a last chunk that runs past a_limit (K not a multiple of 2G)."""
-    rg = tl.arange(0, G)
-    kl = c * 2 * G + rg
-    if MASK:
-        a_lo = tl.load(a_row_ptr + kl, mask=kl < a_limit, other=0.0)
-        a_hi = tl.load(a_row_ptr + kl + G, mask=kl + G < a_limit, other=0.0)
-    else:
-        a_lo = tl.load(a_row_ptr + kl)
-        a_hi = tl.load(a_row_ptr + kl + G)
-    b = tl.load(w_rows + (c * G + rg)[None, :])
-    s_lo = _scale_to_f32(tl.load(s_rows + 2 * c).to(tl.uint32), FMT)
-    s_hi = _scale_to_f32(tl.load(s_rows + 2 * c + 1).to(tl.uint32), FMT)
-    v_lo, v_hi = _decode_f32(b, FMT, ASM)
-    acc += v_lo * (a_lo[None, :] * s_lo)
-    acc += v_hi * (a_hi[None, :] * s_hi)
-    return acc
-
-
-@triton.jit
-def _gemv_rows(acc, a_row, K, w_rows, s_rows, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
-               ASM: tl.constexpr, U: tl.constexpr):
-    """acc += w @ a over the logical K: unrolled unmasked chunks, the rest one by one, and a
-    masked last chunk if K is not a multiple of 2G (chunks past K hold zero weights: skipped)."""
-    nfull = K // (2 * G)
-    nmain = nfull // U * U
-    for c0 in range(0, nmain, U):
-        for u in tl.static_range(U):
-            acc = _gemv_chunk(acc, a_row, K, w_rows, s_rows, c0 + u, BN, FMT, G, ASM, False)
-    for c in range(nmain, nfull):
-        acc = _gemv_chunk(acc, a_row, K, w_rows, s_rows, c, BN, FMT, G, ASM, False)
-    if K % (2 * G) != 0:
-        acc = _gemv_chunk(acc, a_row, K, w_rows, s_rows, nfull, BN, FMT, G, ASM, True)
-    return acc
-
-
-@triton.jit
-def moe_gemv1_kernel(
-    x_ptr, stride_xm, w_ptr, s_ptr, gs_ptr, b_ptr,   # x: [M, H] fp32
-    inter_ptr,                        # [M * k, Ip] fp32, one row per slot
-    ids_ptr,                          # [M * k] i32
-    H, Ip, Kp, top_k, n_tiles, KB, NSC,
-    alpha, beta, limit,
-    FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-    BN: tl.constexpr, ASM: tl.constexpr, U: tl.constexpr,
-):
-    """GEMV1 + SwiGLU for one slot (token t, expert e) and BN intermediate columns."""
-    pid = tl.program_id(0)
-    slot = pid // n_tiles
-    nt = pid % n_tiles
-    e = tl.load(ids_ptr + slot)
-    if e < 0:
-        return
-    e64 = e.to(tl.int64)
-    t = (slot // top_k).to(tl.int64)
-    rn = nt * BN + tl.arange(0, BN)
-    wg_rows = w_ptr + (e64 * 2 * Ip + rn)[:, None] * KB
-    wu_rows = w_ptr + (e64 * 2 * Ip + Ip + rn)[:, None] * KB
-    sg_rows = s_ptr + (e64 * 2 * Ip + rn)[:, None] * NSC
-    su_rows = s_ptr + (e64 * 2 * Ip + Ip + rn)[:, None] * NSC
-    x_row = x_ptr + t * stride_xm
-    acc_g = _gemv_rows(tl.zeros((BN, G), dtype=tl.float32), x_row, H, wg_rows, sg_rows, BN, FMT, G, ASM, U)
-    acc_u = _gemv_rows(tl.zeros((BN, G), dtype=tl.float32), x_row, H, wu_rows, su_rows, BN, FMT, G, ASM, U)
-    gate = tl.sum(acc_g, axis=1)
-    up = tl.sum(acc_u, axis=1)
-    if FMT == 1:
-        gs = tl.load(gs_ptr + e)
-        gate = gate * gs
-        up = up * gs
-    if HAS_BIAS:
-        gate += tl.load(b_ptr + e64 * 2 * Ip + rn)
-        up += tl.load(b_ptr + e64 * 2 * Ip + Ip + rn)
-    if HAS_LIMIT:
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
-    act = (up + beta) * gate * tl.sigmoid(alpha * gate)
-    tl.store(inter_ptr + slot.to(tl.int64) * Ip + rn, act)
-
-
-@triton.jit
-def moe_gemv2_kernel(
-    inter_ptr, w_ptr, s_ptr, gs_ptr, b_ptr,   # inter: [M * k, Ip] fp32
-    y_ptr,                            # [M * k, H] fp32 per-slot outputs
-    ids_ptr, topk_w_ptr,
-    H, Hp, Ip, I, n_tiles, KB, NSC,
-    FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BN: tl.constexpr, ASM: tl.constexpr, U: tl.constexpr,
-):
-    """GEMV2 for one slot and BN hidden columns: (inter[slot] @ w2[e].T + b2[e]) * weight."""
-    pid = tl.program_id(0)
-    slot = pid // n_tiles
-    nt = pid % n_tiles
-    e = tl.load(ids_ptr + slot)
-    if e < 0:
-        return
-    e64 = e.to(tl.int64)
-    rn = nt * BN + tl.arange(0, BN)
-    w_rows = w_ptr + (e64 * Hp + rn)[:, None] * KB
-    s_rows = s_ptr + (e64 * Hp + rn)[:, None] * NSC
-    a_row = inter_ptr + slot.to(tl.int64) * Ip
-    acc = _gemv_rows(tl.zeros((BN, G), dtype=tl.float32), a_row, I, w_rows, s_rows, BN, FMT, G, ASM, U)
-    y = tl.sum(acc, axis=1)
-    if FMT == 1:
-        y = y * tl.load(gs_ptr + e)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + e64 * Hp + rn)
-    y = y * tl.load(topk_w_ptr + slot)
-    tl.store(y_ptr + slot.to(tl.int64) * H + rn, y, mask=rn < H)

@@ -13,6 +13,12 @@ Kernel layout ("split-nibble K tiles"), per matrix [E, N, K]:
   half is exactly one scale group: the kernel decodes a half with a single per-row scale
   (a broadcast, no reshape) and multiplies it with one contiguous G-column slice of the
   activations; no interleave in registers.
+- Bits inside each aligned 4-byte word (optional, `word_bits`): the word holds 8 codes,
+  c0..c3 = low-half elements 4q..4q+3 and c4..c7 = high-half elements 4q..4q+3 of its
+  chunk. Without `word_bits`, byte i holds c_i (low nibble) and c_{4+i} (high nibble). With
+  it, bit b of code i sits at word bit word_bits[i][b] (the word read little-endian), so a
+  GPU can turn bytes into bf16 pairs with a few shifts and masks (E2M1_WORD_BITS: see there;
+  the arrangements in use keep both codes of a byte in that byte).
 - Scales keep their canonical order [E, Np, Kp/G] (chunk c's low half uses scale 2c, its
   high half scale 2c + 1), stored as raw bytes: uint8 (E8M0 for mxfp4, E4M3 bits for
   nvfp4) or int16 (bf16 bits for int4).
@@ -29,6 +35,21 @@ KT = 128
 
 PAD = 128
 """N and K are padded to multiples of this."""
+
+
+E2M1_WORD_BITS = tuple((8 * i + 6, 8 * i + 7, 8 * i, 8 * i + 1) for i in range(4)) + \
+    tuple((8 * i + 3, 8 * i + 4, 8 * i + 5, 8 * i + 2) for i in range(4))
+"""E2M1 codes (bits: mantissa, exponent low, exponent high, sign), byte-local: byte i holds
+c_i (the low-half element) at bits 6, 7, 0, 1 and c_{4+i} (the high-half element) at bits
+3, 4, 5, 2. With a byte duplicated into both bytes of a 16-bit lane (x = b | b << 8):
+  x & 0x01C0 | (x << 6) & 0x8000          = c_i     as bf16 bits (sign | magnitude << 6),
+  (x << 3) & 0x01C0 | (x << 5) & 0x8000   = c_{4+i} likewise,
+i.e. value x 2^-126, exact. Byte-local, so it holds whichever bytes Triton groups into a
+32-bit register for the decode (4 consecutive for mma.sync operands, pairs for wgmma)."""
+
+INT4_WORD_BITS = tuple((8 * i, 8 * i + 1, 8 * i + 2, 8 * i + 3) for i in range(4)) + \
+    tuple((8 * i + 4, 8 * i + 5, 8 * i + 6, 8 * i + 7) for i in range(4))
+"""int4 codes: byte i holds c_i in its low nibble and c_{4+i} in its high nibble."""
 
 
 def round_up(x: int, m: int) -> int:
@@ -56,12 +77,42 @@ def chunk_of(block: int) -> int:
     return 2 * block
 
 
-def to_kernel_layout(data: torch.Tensor, scales: torch.Tensor, block: int, halves: int = 1):
+def _arrange_words(c: torch.Tensor, word_bits) -> torch.Tensor:
+    """Split-nibble chunk codes c [..., 2, C/2] (half, element) -> packed bytes [..., C/2]."""
+    *lead, _, n = c.shape
+    codes = c.view(*lead, 2, n // 4, 4).transpose(-3, -2).reshape(*lead, n // 4, 8).to(torch.int64)
+    if word_bits is None:
+        word = codes[..., :4] | (codes[..., 4:] << 4)
+        return word.to(torch.uint8).reshape(*lead, n)
+    word = torch.zeros(codes.shape[:-1], dtype=torch.int64, device=c.device)
+    for i, bits in enumerate(word_bits):
+        for b, pos in enumerate(bits):
+            word |= ((codes[..., i] >> b) & 1) << pos
+    shifts = torch.arange(0, 32, 8, device=c.device)
+    return ((word[..., None] >> shifts) & 0xFF).to(torch.uint8).reshape(*lead, n)
+
+
+def _codes_of_words(d: torch.Tensor, word_bits) -> torch.Tensor:
+    """Inverse of _arrange_words: packed bytes [..., C/2] -> codes [..., 2, C/2]."""
+    *lead, n = d.shape
+    b = d.view(*lead, n // 4, 4).to(torch.int64)
+    if word_bits is None:
+        codes = torch.cat((b & 0xF, b >> 4), dim=-1)
+    else:
+        word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+        codes = torch.stack([sum(((word >> pos) & 1) << j for j, pos in enumerate(bits))
+                             for bits in word_bits], dim=-1)
+    return codes.view(*lead, n // 4, 2, 4).transpose(-3, -2).reshape(*lead, 2, n).to(torch.uint8)
+
+
+def to_kernel_layout(data: torch.Tensor, scales: torch.Tensor, block: int, halves: int = 1,
+                     word_bits=None):
     """Canonical -> kernel layout for one weight matrix stack.
 
     data: [E, N, K/2] uint8 (canonical packing); scales: [E, N, K/block] (uint8 /
     float8_e4m3fn / bf16); block: elements per scale (16 or 32);
-    halves: 2 for w13 (gate and up halves padded separately), 1 otherwise.
+    halves: 2 for w13 (gate and up halves padded separately), 1 otherwise;
+    word_bits: None, E2M1_WORD_BITS or INT4_WORD_BITS (bit positions inside 4-byte words).
     Returns (data [E, Np, Kp/2] uint8, scales [E, Np, Kp/block] uint8 or int16), where
     Np = halves * round_up(N / halves, 128) and Kp = round_up(K, 128).
     Works one expert at a time, so the temporaries are one expert's codes.
@@ -78,26 +129,25 @@ def to_kernel_layout(data: torch.Tensor, scales: torch.Tensor, block: int, halve
         codes = _unpack(data[e])
         for h in range(halves):
             c = _pad_rows_cols(codes[h * nh:(h + 1) * nh], nhp, Kp).view(nhp, Kp // C, 2, C // 2)
-            out_d[e, h * nhp:(h + 1) * nhp] = (c[:, :, 0] | (c[:, :, 1] << 4)).view(nhp, Kp // 2)
+            out_d[e, h * nhp:(h + 1) * nhp] = _arrange_words(c, word_bits).view(nhp, Kp // 2)
             out_s[e, h * nhp:(h + 1) * nhp] = _pad_rows_cols(raw[e, h * nh:(h + 1) * nh], nhp, Kp // block)
     return out_d, out_s
 
 
 def from_kernel_layout(data: torch.Tensor, scales: torch.Tensor, n: int, k: int, block: int,
-                       scale_dtype: torch.dtype, halves: int = 1):
+                       scale_dtype: torch.dtype, halves: int = 1, word_bits=None):
     """Kernel layout -> canonical (inverse of `to_kernel_layout`).
 
     data: [E, Np, Kp/2] uint8; scales: [E, Np, Kp/block] raw; n, k: the logical N and K;
-    scale_dtype: the canonical scale dtype to view the raw bytes as.
+    scale_dtype: the canonical scale dtype to view the raw bytes as; word_bits: as given to
+    `to_kernel_layout`.
     Returns (data [E, n, k/2] uint8, scales [E, n, k/block] scale_dtype).
     """
     E, Np, Kp2 = data.shape
     Kp = 2 * Kp2
     nhp, nh = Np // halves, n // halves
     C = chunk_of(block)
-    codes = data.view(E, Np, Kp // C, C // 2)
-    lo, hi = codes & 0xF, codes >> 4
-    full = torch.stack((lo, hi), dim=3).view(E, Np, Kp)  # each chunk: [low-nibble half | high half]
+    full = _codes_of_words(data.view(E, Np, Kp // C, C // 2), word_bits).view(E, Np, Kp)  # [low half | high half]
     rows = torch.cat([full[:, h * nhp:h * nhp + nh, :k] for h in range(halves)], dim=1)
     packed = rows[..., 0::2] | (rows[..., 1::2] << 4)
     s = torch.cat([scales[:, h * nhp:h * nhp + nh, : k // block] for h in range(halves)], dim=1)

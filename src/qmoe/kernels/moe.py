@@ -22,10 +22,15 @@ import triton
 import triton.language as tl
 
 from . import _moe_kernels as K
-from .layout import from_kernel_layout, round_up, to_kernel_layout
+from .layout import E2M1_WORD_BITS, INT4_WORD_BITS, from_kernel_layout, round_up, to_kernel_layout
 
 FORMAT_CODES = {"mxfp4": K.FMT_MXFP4, "nvfp4": K.FMT_NVFP4, "int4": K.FMT_INT4}
 FORMAT_BLOCKS = {"mxfp4": 32, "nvfp4": 16, "int4": 32}
+WORD_BITS = {"mxfp4": E2M1_WORD_BITS, "nvfp4": E2M1_WORD_BITS, "int4": INT4_WORD_BITS}
+"""How each format's codes sit inside 4-byte words of the kernel layout (kernels/layout.py)."""
+MXFP4_FOLD_MAX = 128
+"""Largest E8M0 scale byte whose scale x 2^126 is a finite bf16: matrices whose scales all stay
+at or below it (|scale| <= 2) run the decode with one multiply per pair instead of two."""
 SMALL_GROUPING_MAX = 256
 """Up to this many (token, expert) slots, grouping runs as one Triton program (one launch,
 for decode); above it, as three small kernels (rank, expert starts, placement)."""
@@ -40,8 +45,7 @@ def interpreted() -> bool:
 class KernelConfig:
     """Launch configuration of one MoE call.
 
-    block_m: sorted token rows per program (16..128), or 1 for the decode kernels (one
-    (token, expert) slot per program on CUDA cores, no grouping); block_n1 / block_n2: output columns per
+    block_m: sorted token rows per program (16..128); block_n1 / block_n2: output columns per
     program in GEMM1 (intermediate) / GEMM2 (hidden); swap: weights as the MMA's first operand
     (accumulator transposed); k_unroll: K chunks per loop iteration (loads in flight);
     warps/stages per GEMM.
@@ -58,9 +62,8 @@ class KernelConfig:
     def __post_init__(self):
         for f in ("block_m", "block_n1", "block_n2"):
             v = getattr(self, f)
-            if (v < 16 and not (f == "block_m" and v == 1)) or v & (v - 1):
-                raise ValueError(f"KernelConfig.{f}: expected a power of two >= 16"
-                                 f"{' (or 1)' if f == 'block_m' else ''}, got {v}")
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"KernelConfig.{f}: expected a power of two >= 16, got {v}")
         if self.k_unroll not in (1, 2, 4, 8):
             raise ValueError(f"KernelConfig.k_unroll: expected 1, 2, 4 or 8, got {self.k_unroll}")
 
@@ -72,6 +75,8 @@ class MoEKernelWeights:
     w13: [E, 2Ip, Hp/2] uint8; s13: [E, 2Ip, Hp/G] uint8 | int16; w2: [E, Hp, Ip/2] uint8;
     s2: [E, Hp, Ip/G]; gs13, gs2: [E] fp32 (nvfp4 global scales, else None);
     b13: [E, 2Ip] fp32 or None; b2: [E, Hp] fp32 or None. H, I: logical sizes.
+    fold13 / fold2: the matrix's scales allow the one-multiply decode (see MXFP4_FOLD_MAX;
+    always True for nvfp4 and int4).
     """
 
     fmt: str
@@ -85,6 +90,8 @@ class MoEKernelWeights:
     gs2: torch.Tensor | None = None
     b13: torch.Tensor | None = None
     b2: torch.Tensor | None = None
+    fold13: bool = True
+    fold2: bool = True
 
     @property
     def E(self) -> int:
@@ -112,8 +119,8 @@ class MoEKernelWeights:
         E, two_i, H2 = w13_data.shape
         H, I = 2 * H2, two_i // 2
         Hp, Ip = round_up(H, 128), round_up(I, 128)
-        w13, s13 = to_kernel_layout(w13_data, w13_scales, G, halves=2)
-        w2, s2 = to_kernel_layout(w2_data, w2_scales, G, halves=1)
+        w13, s13 = to_kernel_layout(w13_data, w13_scales, G, halves=2, word_bits=WORD_BITS[fmt])
+        w2, s2 = to_kernel_layout(w2_data, w2_scales, G, halves=1, word_bits=WORD_BITS[fmt])
         pb13 = pb2 = None
         if b13 is not None:
             pb13 = torch.zeros(E, 2 * Ip, dtype=torch.float32, device=b13.device)
@@ -123,14 +130,17 @@ class MoEKernelWeights:
             pb2 = torch.zeros(E, Hp, dtype=torch.float32, device=b2.device)
             pb2[:, :H] = b2
         f32 = (lambda t: None if t is None else t.float().contiguous())
-        return cls(fmt, H, I, w13, s13, w2, s2, f32(w13_global), f32(w2_global), pb13, pb2)
+        fold = (lambda sc: fmt != "mxfp4" or sc.numel() == 0 or int(sc.max()) <= MXFP4_FOLD_MAX)
+        return cls(fmt, H, I, w13, s13, w2, s2, f32(w13_global), f32(w2_global), pb13, pb2,
+                   fold(s13), fold(s2))
 
     def to_canonical(self, scale_dtype: torch.dtype):
         """Inverse of `from_canonical`: (w13_data, w13_scales, w2_data, w2_scales, b13, b2)."""
         G = FORMAT_BLOCKS[self.fmt]
         H, I, Ip = self.H, self.I, self.Ip
-        w13, s13 = from_kernel_layout(self.w13, self.s13, 2 * I, H, G, scale_dtype, halves=2)
-        w2, s2 = from_kernel_layout(self.w2, self.s2, H, I, G, scale_dtype, halves=1)
+        wb = WORD_BITS[self.fmt]
+        w13, s13 = from_kernel_layout(self.w13, self.s13, 2 * I, H, G, scale_dtype, halves=2, word_bits=wb)
+        w2, s2 = from_kernel_layout(self.w2, self.s2, H, I, G, scale_dtype, halves=1, word_bits=wb)
         b13 = None if self.b13 is None else torch.cat((self.b13[:, :I], self.b13[:, Ip:Ip + I]), dim=1)
         b2 = None if self.b2 is None else self.b2[:, :H].contiguous()
         return w13, s13, w2, s2, b13, b2
@@ -218,9 +228,6 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     interp = interpreted()
     cdt = tl.float32 if interp else tl.bfloat16
     BM = cfg.block_m
-    if BM == 1:
-        return _fused_moe_gemv(x, topk_ids, topk_weights, weights, alpha, beta, limit, cfg, out,
-                               shared_output, fmt, G, interp, stats)
     has_bias1, has_bias2 = weights.b13 is not None, weights.b2 is not None
     dummy = weights.w13  # for absent optional pointers (never read)
     grp = group_tokens(topk_ids, E, BM)
@@ -234,7 +241,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         H, Ip, Hp, k, n1, weights.w13.stride(1), weights.s13.stride(1),
         float(alpha), float(beta), float(limit) if limit is not None else 0.0,
         FMT=fmt, G=G, HAS_BIAS=has_bias1, HAS_LIMIT=limit is not None,
-        BM=BM, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll,
+        BM=BM, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold13,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     y = torch.empty(M * k, H, dtype=torch.float32, device=x.device)
     n2 = Hp // cfg.block_n2
@@ -244,7 +251,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         y, grp.sorted_slots, grp.block_expert, topk_weights,
         H, Hp, Ip, n2, weights.w2.stride(1), weights.s2.stride(1),
         FMT=fmt, G=G, HAS_BIAS=has_bias2,
-        BM=BM, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll,
+        BM=BM, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold2,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _record(stats, (("gemm1", k1, NB * n1), ("gemm2", k2, NB * n2)))
     return _combine(y, topk_ids, out, shared_output)
@@ -267,35 +274,3 @@ def _combine(y, topk_ids, out, shared_output):
         y, topk_ids, shared_output if shared_output is not None else out, out, H, k,
         HAS_SHARED=shared_output is not None, K_P2=max(2, triton.next_power_of_2(k)), BH=BH, num_warps=4)
     return out
-
-
-def _fused_moe_gemv(x, topk_ids, topk_weights, weights, alpha, beta, limit, cfg, out, shared_output,
-                    fmt, G, interp, stats):
-    """Decode path: every (token, expert) slot is its own GEMV; no grouping kernel."""
-    M, H = x.shape
-    k = topk_ids.shape[1]
-    Ip, Hp = weights.Ip, weights.Hp
-    dummy = weights.w13
-    # fp32 activations: converting them in the kernel would cost an op per weight
-    xf = x if x.dtype == torch.float32 else x.float()
-    inter = torch.empty(M * k, Ip, dtype=torch.float32, device=x.device)
-    n1 = Ip // cfg.block_n1
-    k1 = K.moe_gemv1_kernel[(M * k * n1,)](
-        xf, xf.stride(0), weights.w13, weights.s13,
-        weights.gs13 if weights.gs13 is not None else dummy,
-        weights.b13 if weights.b13 is not None else dummy,
-        inter, topk_ids, H, Ip, Hp, k, n1, weights.w13.stride(1), weights.s13.stride(1),
-        float(alpha), float(beta), float(limit) if limit is not None else 0.0,
-        FMT=fmt, G=G, HAS_BIAS=weights.b13 is not None, HAS_LIMIT=limit is not None,
-        BN=cfg.block_n1, ASM=not interp, U=cfg.k_unroll, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    y = torch.empty(M * k, H, dtype=torch.float32, device=x.device)
-    n2 = Hp // cfg.block_n2
-    k2 = K.moe_gemv2_kernel[(M * k * n2,)](
-        inter, weights.w2, weights.s2,
-        weights.gs2 if weights.gs2 is not None else dummy,
-        weights.b2 if weights.b2 is not None else dummy,
-        y, topk_ids, topk_weights, H, Hp, Ip, weights.I, n2, weights.w2.stride(1), weights.s2.stride(1),
-        FMT=fmt, G=G, HAS_BIAS=weights.b2 is not None,
-        BN=cfg.block_n2, ASM=not interp, U=cfg.k_unroll, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _record(stats, (("gemm1", k1, M * k * n1), ("gemm2", k2, M * k * n2)))
-    return _combine(y, topk_ids, out, shared_output)
