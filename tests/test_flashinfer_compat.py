@@ -172,3 +172,16 @@ def test_logging_left_alone_when_the_user_asks(monkeypatch):
     monkeypatch.setenv("FLASHINFER_LOGGING_LEVEL", "DEBUG")
     compat.load()
     assert logging.getLogger("flashinfer.jit").level == logging.DEBUG
+
+
+def test_routable_spare_gives_each_dropped_slot_its_own_spare_expert():
+    """FlashInfer's SM90 MoE goes wrong when a token names an expert twice, so -1 slots go to
+    spare experts E + j (weight 0), never to a real or repeated expert."""
+    from qmoe.backends import _flashinfer_compat as compat
+    ids = torch.tensor([[3, -1, 5, -1], [-1, -1, -1, -1], [0, 1, 2, 3]])
+    w = torch.rand(3, 4)
+    got_ids, got_w = compat.routable_spare(ids, w, 8)
+    assert got_ids.dtype == torch.int32 and got_w.dtype == torch.float32
+    assert got_ids.tolist() == [[3, 9, 5, 11], [8, 9, 10, 11], [0, 1, 2, 3]]
+    assert torch.equal(got_w, torch.where(ids < 0, 0.0, w))
+    assert all(len(set(r)) == 4 for r in got_ids.tolist())

@@ -33,22 +33,29 @@ def test_round_trip_with_word_bits(fmt, word_bits):
 
 
 def test_word_bits_give_the_values_the_gpu_decode_extracts():
-    """The byte duplication, shifts and masks of the GPU decode (kernels/_moe_kernels.py)
-    applied to arranged bytes give each code where bf16 wants it: E2M1 sign at bit 15 and
-    magnitude at bits 6..8 of a 16-bit lane; int4 in the low nibble (after the >> 4 for the
-    high half)."""
+    """The rotations and masks of the GPU decode (kernels/_moe_kernels.py) applied to
+    arranged words give each pair of E2M1 codes where bf16 wants it (sign at bit 15,
+    magnitude at bits 6..8 of each 16-bit lane); int4 bytes hold their two codes as nibbles."""
     codes = torch.randint(0, 16, (3, 64), dtype=torch.uint8)  # one mxfp4 chunk per row
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
     lo, hi = codes[:, :32].long(), codes[:, 32:].long()
     for word_bits in (E2M1_WORD_BITS, INT4_WORD_BITS):
         d, _ = to_kernel_layout(packed[None], torch.zeros(1, 3, 2, dtype=torch.uint8), 32, word_bits=word_bits)
-        x = d[0, :3, :32].long() * 0x101  # each byte in both bytes of a 16-bit lane
+        b = d[0, :3, :32].long()
         if word_bits is E2M1_WORD_BITS:
-            got_lo = (x & 0x01C0) | ((x << 6) & 0x8000)
-            got_hi = ((x << 3) & 0x01C0) | ((x << 5) & 0x8000)
+            w = b.view(3, 8, 4)
+            w = w[..., 0] | (w[..., 1] << 8) | (w[..., 2] << 16) | (w[..., 3] << 24)
+            rotl = (lambda v, r: ((v << r) | (v >> (32 - r))) & 0xFFFFFFFF)
+            pairs = [w & 0x81C081C0, rotl(w, 4) & 0x81C081C0, rotl(w, 10) & 0x81C081C0,
+                     (rotl(w, 6) & 0x80C080C0) | (rotl(w, 14) & 0x01000100)]
             bf16 = lambda c: ((c & 8) << 12) | ((c & 7) << 6)
-            assert torch.equal(got_lo, bf16(lo)) and torch.equal(got_hi, bf16(hi))
+            lo4, hi4 = lo.view(3, 8, 4), hi.view(3, 8, 4)
+            want = [bf16(lo4[..., 0]) | bf16(lo4[..., 1]) << 16, bf16(lo4[..., 2]) | bf16(lo4[..., 3]) << 16,
+                    bf16(hi4[..., 0]) | bf16(hi4[..., 1]) << 16, bf16(hi4[..., 2]) | bf16(hi4[..., 3]) << 16]
+            for got, exp in zip(pairs, want):
+                assert torch.equal(got, exp)
         else:
+            x = b * 0x101  # prmt: each byte into a 16-bit lane
             assert torch.equal(x & 0xF, lo) and torch.equal((x >> 4) & 0xF, hi)
 
 

@@ -66,7 +66,7 @@ def test_matches_reference(fmt, E, k, H, I, M):
     assert rel_err(out, reference_moe(spec, w, x, ids, tw)) < TOL
 
 
-@pytest.mark.parametrize("cfg", [KernelConfig(16, 32, 64, True), KernelConfig(32, 64, 32, False),
+@pytest.mark.parametrize("cfg", [KernelConfig(16, 32, 64, False, k_unroll=2), KernelConfig(32, 64, 32, False),
                                  KernelConfig(64, 128, 128, False, num_warps=8)])
 def test_configs_agree(cfg):
     spec, w = make(8, 4, 160, 96, "mxfp4")
@@ -200,3 +200,15 @@ def test_large_scales_on_gpu(fmt):
         moe.experts(x, ids, tw, out=out)
         err = rel_err(out, reference_moe(spec, w, x, ids, tw))
         assert err < TOL, f"{fmt} M={M}: {err}"
+
+
+def test_swap_is_refused_for_e2m1():
+    """The E2M1 decode needs whole 4-byte words per thread, which wgmma register operands do
+    not keep: such a configuration is refused with a reason before anything is launched."""
+    import qmoe.kernels.moe as km
+    spec, w = make(4, 2, 64, 64, "mxfp4")
+    kw = qmoe.MoE(spec, w, backend="triton").plan.prepared["triton"].meta["kernel_weights"]
+    x, ids, tw = inputs(spec, 3, seed=3)
+    out = torch.empty(3, 64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="swap=True is not available for mxfp4"):
+        km.fused_moe(x, ids, tw, kw, 1.702, 1.0, 7.0, KernelConfig(16, 32, 32, True), out)

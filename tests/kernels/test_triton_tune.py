@@ -19,7 +19,7 @@ def test_tune_kernels_writes_the_table_and_prepare_uses_it(tmp_path, monkeypatch
     table = tmp_path / "triton_configs.json"
     monkeypatch.setenv("QMOE_TRITON_CONFIGS", str(table))
     only = KernelConfig(16, 32, 32, False, 2, 2, 1)
-    monkeypatch.setattr(TritonBackend, "candidates", lambda self, m, k, e: [default_config(m, k, e), only])
+    monkeypatch.setattr(TritonBackend, "candidates", lambda self, m, k, e, fmt="mxfp4": [default_config(m, k, e, fmt), only])
     parser = argparse.ArgumentParser()
     tune.add_arguments(parser)
     args = parser.parse_args(["--experts", "4", "--hidden", "64", "--intermediate", "64", "--top-k", "2",

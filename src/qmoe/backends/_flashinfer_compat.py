@@ -314,6 +314,19 @@ def routable(topk_ids: torch.Tensor, topk_weights: torch.Tensor):
     return ids.contiguous(), weights.contiguous()
 
 
+def routable_spare(topk_ids: torch.Tensor, topk_weights: torch.Tensor, first_spare: int):
+    """Like `routable`, but the j-th slot of a token, when -1, goes to spare expert
+    first_spare + j (an all-zero expert the layout appends) with weight 0. So no token names
+    the same expert twice: FlashInfer's SM90 CUTLASS MoE gives wrong, run-dependent results
+    when one does (seen with 0.6.18.post1 on an H100; `qmoe check` cases with ids of -1).
+    No host sync."""
+    off = topk_ids < 0
+    spare = first_spare + torch.arange(topk_ids.shape[1], device=topk_ids.device, dtype=topk_ids.dtype)
+    ids = torch.where(off, spare.expand_as(topk_ids), topk_ids).to(torch.int32)
+    weights = torch.where(off, torch.zeros_like(topk_weights), topk_weights).to(torch.float32)
+    return ids.contiguous(), weights.contiguous()
+
+
 def padded(n: int, multiple: int) -> int:
     """n rounded up to a multiple."""
     return -(-n // multiple) * multiple

@@ -79,9 +79,13 @@ class FlashInferCutlassBackend(compat.FlashInferBackend):
         fi, _ = compat.load()
         E, H, I = weights.num_experts, weights.hidden_size, weights.intermediate_size
         Hp, Ip = compat.padded(H, TILE), compat.padded(I, TILE)
+        k = spec.top_k  # k all-zero spare experts after the real ones: where ids of -1 go (forward)
+
+        def spare(t, fill=0):
+            return torch.cat((t, torch.full((k, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)))
 
         def interleave(q, rows, cols, gated):
-            data, scales = q.data, q.scales
+            data, scales = spare(q.data), spare(q.scales.view(torch.uint8)).view(q.scales.dtype)
             if gated:
                 data, scales = compat.up_gate(data, rows // 2), compat.up_gate(scales, rows // 2, _E8M0_ONE)
             data = compat.pad_last2(data, rows, cols // 2)
@@ -99,15 +103,16 @@ class FlashInferCutlassBackend(compat.FlashInferBackend):
             dev = weights.device
             b13 = weights.b13 if weights.b13 is not None else torch.zeros(E, 2 * I, device=dev)
             b2 = weights.b2 if weights.b2 is not None else torch.zeros(E, H, device=dev)
-            t["b13"] = compat.up_gate(b13, Ip).to(torch.bfloat16)
-            t["b2"] = compat.pad_last2(b2.unsqueeze(1), 1, Hp)[:, 0].to(torch.bfloat16)
+            t["b13"] = spare(compat.up_gate(b13, Ip).to(torch.bfloat16))
+            t["b2"] = spare(compat.pad_last2(b2.unsqueeze(1), 1, Hp)[:, 0].to(torch.bfloat16))
         act = spec.activation
         if (act.alpha, act.beta, act.limit) != (1.0, 0.0, None):
             lim = torch.finfo(torch.float32).max if act.limit is None else act.limit
-            for k, v in (("alpha", act.alpha), ("beta", act.beta), ("limit", lim)):
-                t[k] = torch.full((E,), float(v), dtype=torch.float32, device=weights.device)
+            for name, v in (("alpha", act.alpha), ("beta", act.beta), ("limit", lim)):
+                t[name] = torch.full((E + k,), float(v), dtype=torch.float32, device=weights.device)
         compat.quiet_logging()  # the interleave helpers may have loaded (and built) FlashInfer modules
         meta = {**compat.stamp(fi), "hidden_size": H, "hidden_padded": Hp, "intermediate_padded": Ip,
+                "num_experts": E,
                 # quant_scales are int32 views of the E8M0 bytes, as the kernel takes them
                 "quant_scales": [s13.view(torch.int32), s2.view(torch.int32)]}
         return Prepared(self.name, spec, weights.format, weights.device, t, meta)
@@ -122,7 +127,7 @@ class FlashInferCutlassBackend(compat.FlashInferBackend):
             return out
         t, meta = prepared.tensors, prepared.meta
         H, Hp = meta["hidden_size"], meta["hidden_padded"]
-        ids, w = compat.routable(topk_ids, topk_weights)
+        ids, w = compat.routable_spare(topk_ids, topk_weights, meta["num_experts"])
         direct = Hp == H and out.dtype == torch.bfloat16 and out.is_contiguous()
         buf = out if direct else torch.empty(M, Hp, dtype=torch.bfloat16, device=x.device)
         result = fi.call(_FM, "cutlass_fused_moe", {

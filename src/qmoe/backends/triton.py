@@ -45,19 +45,26 @@ def shape_key(fmt: str, E: int, H: int, I: int, top_k: int) -> str:
     return f"{fmt}:E{E}:H{H}:I{I}:k{top_k}"
 
 
-def default_config(m: int, top_k: int, num_experts: int):
-    """Launch configuration when no table entry exists, from measurements on an H100 at
-    gpt-oss-120b shapes (docs/performance.md): 16-row blocks with narrow column tiles while
-    experts see a few tokens, 32-row blocks up to ~48 tokens per expert, then 128-row blocks
-    with the weight as the MMA's first operand."""
+def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4"):
+    """Launch configuration when no table entry exists, from `qmoe tune` runs on an H100 at
+    gpt-oss-120b shapes (docs/performance.md): 16-row blocks while experts see up to ~12
+    tokens (narrow 32-column tiles when almost every expert sees at most one token, so more
+    programs stream the few active experts), 32-row blocks up to ~48 tokens per expert, then
+    128-row blocks (int4 from 32 rows up with the weight as the MMA's first operand; the
+    E2M1 formats cannot: see kernels/moe.py)."""
     from ..kernels.moe import KernelConfig
 
+    swap = fmt == "int4"
     per_expert = m * top_k / num_experts
-    if per_expert <= 4:
-        return KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=2)
+    if per_expert <= 0.1:
+        return KernelConfig(block_m=16, block_n1=32, block_n2=32, swap=False, num_warps=4, num_stages=3, k_unroll=4)
+    if per_expert <= 12:
+        return KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=4)
     if per_expert <= 48:
-        return KernelConfig(block_m=32, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=2)
-    return KernelConfig(block_m=128, block_n1=64, block_n2=64, swap=True, num_warps=4, num_stages=3, k_unroll=2)
+        return KernelConfig(block_m=32, block_n1=64, block_n2=64, swap=swap, num_warps=4, num_stages=3, k_unroll=2)
+    if swap:
+        return KernelConfig(block_m=128, block_n1=64, block_n2=64, swap=True, num_warps=4, num_stages=3, k_unroll=2)
+    return KernelConfig(block_m=128, block_n1=128, block_n2=128, swap=False, num_warps=8, num_stages=3, k_unroll=2)
 
 
 def _read_table(path: str) -> dict:
@@ -130,10 +137,11 @@ class TritonBackend(Backend):
         from ..kernels.moe import KernelConfig
 
         entry = prepared.meta["configs"].get(str(bucket_of(m)))
-        if entry:
+        fmt = prepared.meta["kernel_weights"].fmt
+        if entry and not (entry.get("swap") and fmt != "int4"):  # swap entries from older tables: unusable
             return KernelConfig(**entry)
         spec = prepared.spec
-        return default_config(m, spec.top_k, spec.num_experts)
+        return default_config(m, spec.top_k, spec.num_experts, prepared.meta["kernel_weights"].fmt)
 
     def forward(self, prepared, x, topk_ids, topk_weights, out, shared_output=None, config=None):
         from ..kernels.moe import fused_moe
@@ -146,24 +154,27 @@ class TritonBackend(Backend):
                          act.alpha, act.beta, act.limit, cfg, out, shared_output)
 
 
-    def candidates(self, m: int, top_k: int, num_experts: int):
+    def candidates(self, m: int, top_k: int, num_experts: int, fmt: str = "mxfp4"):
         """Launch configurations worth timing at m tokens (about a dozen), from what won where
         on an H100 (docs/performance.md)."""
         from ..kernels.moe import KernelConfig as C
 
         per_expert = m * top_k / num_experts
-        out = [default_config(m, top_k, num_experts)]
-        if per_expert <= 8:
-            out += [C(16, n1, n2, False, 4, st, u) for n1, n2 in ((32, 64), (64, 64), (32, 32))
-                    for u in (2, 4) for st in (3, 5)]
-            out += [C(16, 64, 64, True, 4, 3, 2)]
+        out = [default_config(m, top_k, num_experts, fmt)]
+        if per_expert <= 12:
+            out += [C(16, n1, n2, False, 4, st, u) for n1, n2 in ((32, 32), (32, 64), (64, 64))
+                    for u in (2, 4) for st in (2, 3)]
+            out += [C(16, 128, 128, False, 8, 3, 2), C(16, 64, 128, False, 4, 3, 4)]
         if 2 <= per_expert <= 64:
-            out += [C(32, 64, 64, False, 4, st, u) for u in (2, 4) for st in (3, 5)]
-            out += [C(32, 32, 64, False, 4, 3, 2), C(32, 64, 64, True, 4, 3, 2), C(64, 64, 64, True, 4, 3, 2)]
+            out += [C(32, 64, 64, sw, 4, 3, u) for sw in (False, True) for u in (2, 4)]
+            out += [C(64, 64, 64, True, 4, 3, 2)]
         if per_expert >= 16:
-            out += [C(64, 64, 64, True, 4, 3, 2), C(128, 64, 64, True, 4, 3, 2), C(128, 128, 128, False, 8, 3, 2),
-                    C(128, 64, 128, True, 4, 3, 2), C(128, 128, 64, True, 8, 3, 2), C(64, 128, 128, True, 8, 3, 2),
-                    C(128, 64, 64, True, 4, 4, 2), C(128, 128, 128, True, 8, 3, 1)]
+            out += [C(64, 128, 128, True, 8, 3, 2), C(128, 64, 64, True, 4, 3, 2), C(128, 64, 64, True, 4, 2, 2),
+                    C(128, 64, 128, True, 4, 3, 2), C(128, 128, 128, True, 8, 3, 1), C(128, 128, 128, True, 8, 3, 2),
+                    C(128, 128, 128, False, 8, 3, 2), C(64, 128, 128, False, 8, 3, 2), C(128, 64, 64, False, 4, 3, 2),
+                    C(128, 128, 64, False, 8, 3, 2)]
+        if fmt != "int4":  # the E2M1 decode has no wgmma-operand (swap) variant
+            out = [c for c in out if not c.swap]
         return list(dict.fromkeys(out))
 
     def tune(self, spec: MoESpec, fmt: str, ms, device, progress=None, weights: ExpertWeights | None = None,
@@ -190,7 +201,7 @@ class TritonBackend(Backend):
         weights = weights or random_weights(spec, fmt, device, bias_std=0.5)
         prep = self.prepare(spec, weights)
         kw, act = prep.meta["kernel_weights"], spec.activation
-        plan = [(bucket_of(m), self.candidates(bucket_of(m), spec.top_k, spec.num_experts)) for m in ms]
+        plan = [(bucket_of(m), self.candidates(bucket_of(m), spec.top_k, spec.num_experts, fmt)) for m in ms]
         total, done = sum(len(c) for _, c in plan), 0
         result = {"gpu": prep.meta["gpu"], "shape_key": prep.meta["shape_key"], "buckets": {}}
         if progress is not None and hasattr(progress, "add_task"):
@@ -202,7 +213,7 @@ class TritonBackend(Backend):
             g = torch.Generator(device=device).manual_seed(m)
             x = torch.randn(m, spec.hidden_size, device=device, generator=g).to(torch.bfloat16)
             ids, w = route(spec, torch.randn(m, spec.num_experts, device=device, generator=g))
-            base_cfg = default_config(m, spec.top_k, spec.num_experts)
+            base_cfg = default_config(m, spec.top_k, spec.num_experts, fmt)
             base = fused_moe(x, ids, w, kw, act.alpha, act.beta, act.limit, base_cfg,
                              torch.empty(m, spec.hidden_size, dtype=torch.bfloat16, device=device))
             best, tried = None, []

@@ -33,20 +33,19 @@ NVFP4_POST = 256.0
 scale is exact in bf16 and never overflows); the accumulator is multiplied by 2^8 after."""
 _NVFP4_POST = tl.constexpr(NVFP4_POST)
 
-# E2M1: four packed bytes ($4, arranged by layout.E2M1_WORD_BITS) -> four bf16 pairs ($0, $1:
-# low-half values of bytes 0,1 and 2,3; $2, $3: high-half values). prmt duplicates each byte
-# into both bytes of a 16-bit lane; masks and shifts put sign and magnitude bits where a bf16
-# wants them (value x 2^-126, exact); one bf16x2 multiply applies a scale that already carries
-# the 2^126 ($5, $6 low half; $7, $8 high half). 20 instructions per 8 weights.
+# E2M1: one 32-bit word of packed codes ($4: four bytes of the chunk, arranged by
+# layout.E2M1_WORD_BITS) -> four bf16 pairs ($0, $1: low-half elements j..j+3; $2, $3:
+# high-half elements). Rotations and masks put each pair's sign and magnitude bits where a
+# bf16 wants them (value x 2^-126, exact); one bf16x2 multiply applies a scale that already
+# carries the 2^126 ($5, $6: low half; $7, $8: high half). 13 instructions per 8 weights.
 _ASM_E2M1 = tl.constexpr("""
 {
-.reg .b32 x, a, b;
-prmt.b32 x, $4, 0, 0x1100;
-and.b32 a, x, 0x01C001C0; shl.b32 b, x, 6; lop3.b32 a, b, 0x80008000, a, 0xEA; mul.rn.bf16x2 $0, a, $5;
-shl.b32 a, x, 3; shl.b32 b, x, 5; and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA; mul.rn.bf16x2 $2, a, $7;
-prmt.b32 x, $4, 0, 0x3322;
-and.b32 a, x, 0x01C001C0; shl.b32 b, x, 6; lop3.b32 a, b, 0x80008000, a, 0xEA; mul.rn.bf16x2 $1, a, $6;
-shl.b32 a, x, 3; shl.b32 b, x, 5; and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA; mul.rn.bf16x2 $3, a, $8;
+.reg .b32 a, b;
+and.b32 a, $4, 0x81C081C0; mul.rn.bf16x2 $0, a, $5;
+shf.l.wrap.b32 a, $4, $4, 4; and.b32 a, a, 0x81C081C0; mul.rn.bf16x2 $1, a, $6;
+shf.l.wrap.b32 a, $4, $4, 10; and.b32 a, a, 0x81C081C0; mul.rn.bf16x2 $2, a, $7;
+shf.l.wrap.b32 a, $4, $4, 6; shf.l.wrap.b32 b, $4, $4, 14; and.b32 b, b, 0x01000100;
+lop3.b32 a, a, 0x80C080C0, b, 0xEA; mul.rn.bf16x2 $3, a, $8;
 }
 """)
 
@@ -54,14 +53,13 @@ shl.b32 a, x, 3; shl.b32 b, x, 5; and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C
 # (0x7E80) first, then the plain scale.
 _ASM_E2M1_UNFOLDED = tl.constexpr("""
 {
-.reg .b32 x, a, b, k;
+.reg .b32 a, b, k;
 mov.b32 k, 0x7E807E80;
-prmt.b32 x, $4, 0, 0x1100;
-and.b32 a, x, 0x01C001C0; shl.b32 b, x, 6; lop3.b32 a, b, 0x80008000, a, 0xEA; mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $0, a, $5;
-shl.b32 a, x, 3; shl.b32 b, x, 5; and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA; mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $2, a, $7;
-prmt.b32 x, $4, 0, 0x3322;
-and.b32 a, x, 0x01C001C0; shl.b32 b, x, 6; lop3.b32 a, b, 0x80008000, a, 0xEA; mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $1, a, $6;
-shl.b32 a, x, 3; shl.b32 b, x, 5; and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA; mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $3, a, $8;
+and.b32 a, $4, 0x81C081C0; mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $0, a, $5;
+shf.l.wrap.b32 a, $4, $4, 4; and.b32 a, a, 0x81C081C0; mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $1, a, $6;
+shf.l.wrap.b32 a, $4, $4, 10; and.b32 a, a, 0x81C081C0; mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $2, a, $7;
+shf.l.wrap.b32 a, $4, $4, 6; shf.l.wrap.b32 b, $4, $4, 14; and.b32 b, b, 0x01000100;
+lop3.b32 a, a, 0x80C080C0, b, 0xEA; mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $3, a, $8;
 }
 """)
 
@@ -144,10 +142,10 @@ def _chunk_codes(w_rows, c, BN: tl.constexpr, G: tl.constexpr, FMT: tl.constexpr
         lo = _interleave4(w & 0xF, (w >> 8) & 0xF, (w >> 16) & 0xF, (w >> 24) & 0xF)
         hi = _interleave4((w >> 4) & 0xF, (w >> 12) & 0xF, (w >> 20) & 0xF, (w >> 28) & 0xF)
     else:
-        lo = _interleave4(_word_code(w, 6, 7, 0, 1), _word_code(w, 14, 15, 8, 9),
-                          _word_code(w, 22, 23, 16, 17), _word_code(w, 30, 31, 24, 25))
-        hi = _interleave4(_word_code(w, 3, 4, 5, 2), _word_code(w, 11, 12, 13, 10),
-                          _word_code(w, 19, 20, 21, 18), _word_code(w, 27, 28, 29, 26))
+        lo = _interleave4(_word_code(w, 6, 7, 8, 15), _word_code(w, 22, 23, 24, 31),
+                          _word_code(w, 2, 3, 4, 11), _word_code(w, 18, 19, 20, 27))
+        hi = _interleave4(_word_code(w, 28, 29, 30, 5), _word_code(w, 12, 13, 14, 21),
+                          _word_code(w, 0, 1, 26, 9), _word_code(w, 16, 17, 10, 25))
     return lo, hi
 
 

@@ -37,15 +37,20 @@ PAD = 128
 """N and K are padded to multiples of this."""
 
 
-E2M1_WORD_BITS = tuple((8 * i + 6, 8 * i + 7, 8 * i, 8 * i + 1) for i in range(4)) + \
-    tuple((8 * i + 3, 8 * i + 4, 8 * i + 5, 8 * i + 2) for i in range(4))
-"""E2M1 codes (bits: mantissa, exponent low, exponent high, sign), byte-local: byte i holds
-c_i (the low-half element) at bits 6, 7, 0, 1 and c_{4+i} (the high-half element) at bits
-3, 4, 5, 2. With a byte duplicated into both bytes of a 16-bit lane (x = b | b << 8):
-  x & 0x01C0 | (x << 6) & 0x8000          = c_i     as bf16 bits (sign | magnitude << 6),
-  (x << 3) & 0x01C0 | (x << 5) & 0x8000   = c_{4+i} likewise,
-i.e. value x 2^-126, exact. Byte-local, so it holds whichever bytes Triton groups into a
-32-bit register for the decode (4 consecutive for mma.sync operands, pairs for wgmma)."""
+E2M1_WORD_BITS = ((6, 7, 8, 15), (22, 23, 24, 31), (2, 3, 4, 11), (18, 19, 20, 27),
+                  (28, 29, 30, 5), (12, 13, 14, 21), (0, 1, 26, 9), (16, 17, 10, 25))
+"""E2M1 codes (bits: mantissa, exponent low, exponent high, sign) placed in a 32-bit word so
+that
+  word & 0x81C081C0                                          = pair (c0, c1),
+  rotl(word, 4) & 0x81C081C0                                 = pair (c2, c3),
+  rotl(word, 10) & 0x81C081C0                                = pair (c4, c5),
+  rotl(word, 6) & 0x80C080C0 | rotl(word, 14) & 0x01000100   = pair (c6, c7),
+each pair being two bf16 with the sign at bit 15 and the magnitude bits at the exponent /
+mantissa boundary (bits 6..8): value x 2^-126, exact (0.5 is a subnormal). 9 integer
+instructions per 8 weights. The decode needs the 4 bytes of a word in one thread, in order:
+true for the mma.sync operand layouts (4 consecutive K bytes per thread) and the blocked
+layouts Triton uses before shared memory; not for wgmma register operands (pairs), which is
+why E2M1 configurations with swap=True are refused (kernels/moe.py)."""
 
 INT4_WORD_BITS = tuple((8 * i, 8 * i + 1, 8 * i + 2, 8 * i + 3) for i in range(4)) + \
     tuple((8 * i + 4, 8 * i + 5, 8 * i + 6, 8 * i + 7) for i in range(4))

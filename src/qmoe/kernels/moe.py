@@ -228,6 +228,10 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     interp = interpreted()
     cdt = tl.float32 if interp else tl.bfloat16
     BM = cfg.block_m
+    if weights.fmt != "int4" and cfg.swap:
+        raise ValueError(f"{cfg}: swap=True is not available for {weights.fmt}: its decode reads whole "
+                         "4-byte words per thread, which wgmma register operands do not keep together "
+                         "(see kernels/layout.py, E2M1_WORD_BITS)")
     has_bias1, has_bias2 = weights.b13 is not None, weights.b2 is not None
     dummy = weights.w13  # for absent optional pointers (never read)
     grp = group_tokens(topk_ids, E, BM)

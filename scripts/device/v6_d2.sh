@@ -1,0 +1,11 @@
+#!/bin/bash
+# Lease D, call 2 (same machine): qmoe bench with both backends, qmoe check of both.
+set -u
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONPATH=src:/tmp/qmoe_fi_check/site PYTHONUNBUFFERED=1 FLASHINFER_DISABLE_JIT=1
+timeout 200 python3 -m qmoe bench --preset gpt-oss-120b --backend triton --backend flashinfer_cutlass \
+  --backend reference --reference-max-tokens 1 --json "$OUT/bench.json" --plot "$OUT/bench.png" \
+  > "$OUT/bench.log" 2>&1; echo "bench rc=$?"
+timeout 300 python3 -m qmoe check --preset gpt-oss-120b,qwen3-30b-a3b --backend triton --backend flashinfer_cutlass \
+  --time --json "$OUT/check.json" > "$OUT/check.log" 2>&1; echo "check rc=$?"; grep -E "FAIL|CRASH" "$OUT/check.log" | head -8; tail -9 "$OUT/check.log"
+tail -13 "$OUT/bench.log"
