@@ -195,18 +195,19 @@ def _mma(acc, a, w, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _gemm1_chunk(acc_g, acc_u, x_rows, H, wg_rows, wu_rows, sg_rows, su_rows, c,
+def _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg_rows, su_rows, c,
                  BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
                  FOLD: tl.constexpr, SWAP: tl.constexpr, MASK: tl.constexpr):
-    """acc_g / acc_u += x rows (chunk c) @ gate / up rows (chunk c)^T; MASK: x columns >= H read 0."""
+    """acc_g / acc_u += x rows (chunk c) @ gate / up rows (chunk c)^T. Padding rows (valid
+    False) are not read (no memory traffic); MASK: x columns >= H read 0 too."""
     kl = c * 2 * G + tl.arange(0, G)
     kh = kl + G
     if MASK:
-        a_lo = tl.load(x_rows + kl[None, :], mask=(kl < H)[None, :], other=0.0).to(CDT)
-        a_hi = tl.load(x_rows + kh[None, :], mask=(kh < H)[None, :], other=0.0).to(CDT)
+        a_lo = tl.load(x_rows + kl[None, :], mask=valid[:, None] & (kl < H)[None, :], other=0.0).to(CDT)
+        a_hi = tl.load(x_rows + kh[None, :], mask=valid[:, None] & (kh < H)[None, :], other=0.0).to(CDT)
     else:
-        a_lo = tl.load(x_rows + kl[None, :]).to(CDT)
-        a_hi = tl.load(x_rows + kh[None, :]).to(CDT)
+        a_lo = tl.load(x_rows + kl[None, :], mask=valid[:, None], other=0.0).to(CDT)
+        a_hi = tl.load(x_rows + kh[None, :], mask=valid[:, None], other=0.0).to(CDT)
     g_lo, g_hi = _load_chunk(wg_rows, sg_rows, c, BN, FMT, G, CDT, ASM, FOLD)
     u_lo, u_hi = _load_chunk(wu_rows, su_rows, c, BN, FMT, G, CDT, ASM, FOLD)
     acc_g = _mma(acc_g, a_lo, g_lo, SWAP)
@@ -217,12 +218,12 @@ def _gemm1_chunk(acc_g, acc_u, x_rows, H, wg_rows, wu_rows, sg_rows, su_rows, c,
 
 
 @triton.jit
-def _gemm2_chunk(acc, a_rows, w_rows, s_rows, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+def _gemm2_chunk(acc, a_rows, valid, w_rows, s_rows, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
                  CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr, SWAP: tl.constexpr):
-    """acc += intermediate rows (chunk c) @ w2 rows (chunk c)^T."""
+    """acc += intermediate rows (chunk c) @ w2 rows (chunk c)^T; padding rows are not read."""
     kl = c * 2 * G + tl.arange(0, G)
-    a_lo = tl.load(a_rows + kl[None, :]).to(CDT)
-    a_hi = tl.load(a_rows + (kl + G)[None, :]).to(CDT)
+    a_lo = tl.load(a_rows + kl[None, :], mask=valid[:, None], other=0.0).to(CDT)
+    a_hi = tl.load(a_rows + (kl + G)[None, :], mask=valid[:, None], other=0.0).to(CDT)
     w_lo, w_hi = _load_chunk(w_rows, s_rows, c, BN, FMT, G, CDT, ASM, FOLD)
     acc = _mma(acc, a_lo, w_lo, SWAP)
     return _mma(acc, a_hi, w_hi, SWAP)
@@ -272,10 +273,10 @@ def moe_gemm1_kernel(
     # U chunks per iteration, unrolled (their loads are independent); no masks in this loop
     for c0 in range(0, nmain, U):
         for u in tl.static_range(U):
-            acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, H, wg_rows, wu_rows, sg_rows, su_rows, c0 + u,
+            acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg_rows, su_rows, c0 + u,
                                         BN, FMT, G, CDT, ASM, FOLD, SWAP, False)
     for c in range(nmain, nch):       # the rest, one chunk at a time, x columns masked at H
-        acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, H, wg_rows, wu_rows, sg_rows, su_rows, c,
+        acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg_rows, su_rows, c,
                                     BN, FMT, G, CDT, ASM, FOLD, SWAP, True)
     if SWAP:
         acc_g = tl.trans(acc_g)
@@ -332,9 +333,9 @@ def moe_gemm2_kernel(
     nmain = nch // U * U
     for c0 in range(0, nmain, U):
         for u in tl.static_range(U):
-            acc = _gemm2_chunk(acc, a_rows, w_rows, s_rows, c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP)
+            acc = _gemm2_chunk(acc, a_rows, valid, w_rows, s_rows, c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP)
     for c in range(nmain, nch):
-        acc = _gemm2_chunk(acc, a_rows, w_rows, s_rows, c, BN, FMT, G, CDT, ASM, FOLD, SWAP)
+        acc = _gemm2_chunk(acc, a_rows, valid, w_rows, s_rows, c, BN, FMT, G, CDT, ASM, FOLD, SWAP)
     if SWAP:
         acc = tl.trans(acc)
     if FMT == 1:
