@@ -16,9 +16,8 @@ b = get_backend("triton")
 prep = b.prepare(spec, w)
 kw, act = prep.meta["kernel_weights"], spec.activation
 C = KernelConfig
-CFGS = [C(16, 32, 32, False, 4, 3, 4), C(16, 64, 64, False, 4, 3, 4), C(16, 64, 64, False, 4, 2, 4),
-        C(16, 128, 128, False, 8, 3, 2), C(16, 64, 64, False, 4, 3, 2),
-        C(32, 64, 64, True, 4, 3, 2), C(128, 64, 64, True, 4, 3, 2)]
+CFGS = [C(16, 32, 64, False, 4, 3, 4), C(16, 64, 64, False, 4, 3, 4), C(16, 64, 64, False, 4, 3, 2),
+        C(32, 64, 64, False, 4, 3, 4), C(128, 128, 64, False, 8, 3, 2)]
 print("fold13/fold2:", kw.fold13, kw.fold2, "max scale bytes", int(kw.s13.max()), int(kw.s2.max()))
 res = []
 for M in [int(v) for v in os.environ.get('DIAG_MS', '1,4,16,64,256,1024,4096,8192').split(',')]:
@@ -27,7 +26,7 @@ for M in [int(v) for v in os.environ.get('DIAG_MS', '1,4,16,64,256,1024,4096,819
     ids, tw = qmoe.route(spec, torch.randn(M, 128, device="cuda", generator=g))
     out = torch.empty(M, 2880, dtype=torch.bfloat16, device="cuda")
     for cfg in CFGS:
-        if cfg.block_m >= 64 and M < 1024 or cfg.block_m < 32 and M > 256 or cfg.block_m == 32 and (M < 256 or M > 1024):
+        if cfg.block_m >= 64 and M < 4096 or cfg.block_m < 32 and M > 256 or cfg.block_m == 32 and (M < 1024 or M > 1024):
             continue
         st = {}
         try:
