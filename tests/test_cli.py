@@ -55,6 +55,11 @@ def test_env_json_names_every_backend_with_a_reason_per_format(capsys):
             assert isinstance(s["usable"], bool), (name, fmt)
             assert isinstance(s["reason"], str) and s["reason"].strip(), (name, fmt)
     assert all(s["usable"] for s in info["backends"]["reference"].values())
+    # which routing MoE.__call__ runs here, and why
+    assert info["routing"]["fused"] == (torch.cuda.is_available() and info["triton"] != "not installed")
+    assert info["routing"]["reason"].strip()
+    if not torch.cuda.is_available():
+        assert "reference routing in PyTorch" in info["routing"]["reason"]
 
 
 def test_package_versions_are_found_without_importing(tmp_path, monkeypatch):

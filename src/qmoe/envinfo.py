@@ -86,7 +86,17 @@ def collect() -> dict:
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "") == "1",
         "probe": {"preset": PROBE_PRESET, "device": str(device)},
         "backends": {name: backend_support(name, spec, device) for name in BACKEND_NAMES},
+        "routing": _routing(spec, device),
     }
+
+
+def _routing(spec, device) -> dict:
+    """Which routing `MoE.__call__` runs for the probe preset here: the fused Triton kernel or
+    the PyTorch reference, and why."""
+    from .dispatch import routing_support
+
+    sup = routing_support(spec, device)
+    return {"fused": sup.ok, "reason": sup.reason}
 
 
 def add_arguments(parser) -> None:
@@ -119,7 +129,9 @@ def print_report(info: dict) -> None:
                        ("flashinfer", info["flashinfer"]), ("GPU", gpu_text),
                        ("TRITON_INTERPRET", "1" if info["triton_interpret"] else
                         "not set" if gpu != "none" else
-                        "not set (Triton kernels run on a CPU only with TRITON_INTERPRET=1)")):
+                        "not set (Triton kernels run on a CPU only with TRITON_INTERPRET=1)"),
+                       ("routing", ("fused Triton kernel: " if info["routing"]["fused"] else "")
+                        + info["routing"]["reason"])):
         versions.add_row(key, escape(str(value)))
     console.print(versions)
 
