@@ -742,9 +742,10 @@ def _run_compare(args, console) -> int:
             why = f" ({detail})" if detail and sa != "pass" else ""
             say(f"{title.upper()}: {be} {prob} {case}: {sb} -> {sa}{why}")
     pct = round(args.threshold * 100)
-    for title, rows in ((f"SLOWER by more than {pct}%", d["slower"]), (f"FASTER by more than {pct}%", d["faster"])):
-        for be, prob, case, tb, ta in rows:
-            say(f"{title}: {be} {prob} {case}: {tb:.1f} -> {ta:.1f} us ({ta / tb - 1:+.0%})")
+    for be, prob, case, tb, ta in d["slower"]:  # after > before x (1 + threshold)
+        say(f"SLOWER by more than {pct}%: {be} {prob} {case}: {tb:.1f} -> {ta:.1f} us ({ta / tb - 1:+.0%})")
+    for be, prob, case, tb, ta in d["faster"]:  # before > after x (1 + threshold): a speed-up factor
+        say(f"FASTER by more than {pct}%: {be} {prob} {case}: {tb:.1f} -> {ta:.1f} us ({tb / ta:.2f}x as fast)")
     for title, rows in (("only in before", d["only_before"]), ("only in after", d["only_after"])):
         if rows:
             say(f"{len(rows)} case(s) {title}")
