@@ -8,14 +8,15 @@ one-byte loads, 16x the load instructions).
 Formats (FMT constexpr): 0 = mxfp4 (E2M1 + E8M0 per 32), 1 = nvfp4 (E2M1 + E4M3 per 16,
 fp32 global scale per expert), 2 = int4 (signed int4 + bf16 per 32). Weights are in the
 layout of kernels/layout.py: K in chunks of 2G elements; a row's G bytes of a chunk hold
-the chunk's first G elements in their low nibbles and the last G in their high nibbles,
-so each nibble half is one scale group.
+the chunk's first G elements (the "low half") and its last G (the "high half"), so each
+half is one scale group; inside each 4-byte word the codes' bits sit where the decode
+wants them (layout.E2M1_WORD_BITS, layout.INT4_WORD_BITS).
 
-Decoding is the hot spot: at decode batch sizes the kernels are bound by integer ops per
-weight, not by bytes. On a GPU (ASM=True) four packed bytes become eight bf16 values with
-byte permutes, shifts and 3-input logic ops on 32-bit words and one bf16x2 multiply per
-pair (about 3 instructions per weight instead of ~13); the interpreter (ASM=False) runs
-the same arithmetic element by element in fp32.
+Decoding is the hot spot: at decode batch sizes the kernels are bound by instructions per
+weight, not by bytes. On a GPU (ASM=True) one 32-bit word of packed E2M1 codes becomes
+eight bf16 values with rotations and masks and one bf16x2 multiply per pair that applies
+the scale (13 instructions per 8 weights; docs/performance.md, v4); the interpreter
+(ASM=False) decodes the same words element by element in fp32.
 """
 
 import triton
