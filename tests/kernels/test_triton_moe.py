@@ -67,6 +67,7 @@ def test_matches_reference(fmt, E, k, H, I, M):
 
 
 @pytest.mark.parametrize("cfg", [KernelConfig(16, 32, 64, False, k_unroll=2), KernelConfig(32, 64, 32, False),
+                                 KernelConfig(16, 32, 32, False, k_unroll=2, split_k=2),
                                  KernelConfig(64, 128, 128, False, num_warps=8)])
 def test_configs_agree(cfg):
     spec, w = make(8, 4, 160, 96, "mxfp4")

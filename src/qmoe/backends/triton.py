@@ -165,6 +165,9 @@ class TritonBackend(Backend):
             out += [C(16, n1, n2, False, 4, st, u) for n1, n2 in ((32, 32), (32, 64), (64, 64))
                     for u in (2, 4) for st in (2, 3)]
             out += [C(16, 128, 128, False, 8, 3, 2), C(16, 64, 128, False, 4, 3, 4)]
+        if per_expert <= 0.5:  # few active experts: GEMM2 as two half-K programs per tile
+            out += [C(16, n1, n2, False, 4, 3, u, split_k=2) for n1, n2 in ((32, 32), (32, 64), (64, 64))
+                    for u in (2, 4)]
         if 2 <= per_expert <= 64:
             out += [C(32, 64, 64, sw, 4, 3, u) for sw in (False, True) for u in (2, 4)]
             out += [C(64, 64, 64, True, 4, 3, 2)]

@@ -302,19 +302,22 @@ def moe_gemm1_kernel(
 def moe_gemm2_kernel(
     inter_ptr,                        # [NB * BM, Ip] bf16
     w_ptr, s_ptr, gs_ptr, b_ptr,      # w2 [E, Hp, Ip/2] u8; scales [E, Hp, Ip/G]; gs [E] f32; b2 [E, Hp] f32
-    y_ptr,                            # [M * top_k, H] per-slot outputs (fp32)
+    y_ptr,                            # [SPLIT, M * top_k, H] per-slot outputs (fp32)
     sorted_ptr, block_expert_ptr, topk_w_ptr,   # topk_weights flat [M * top_k] f32
-    H, Hp, Ip, n_tiles, KB, NSC,
+    H, Hp, Ip, n_tiles, KB, NSC, y_split_stride,
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
-    U: tl.constexpr, FOLD: tl.constexpr,
+    U: tl.constexpr, FOLD: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """GEMM2: one block of BM intermediate rows (one expert) times BN rows of w2, plus b2,
     times each slot's routing weight, stored to that slot's row of y (combined later in a
-    fixed order, so the result is deterministic)."""
+    fixed order, so the result is deterministic). With SPLIT = 2, two programs share a tile,
+    each over half of K (split-K, for few active experts: twice the programs); split 0 adds
+    the bias, and each writes its own copy of y (y_split_stride elements apart)."""
     pid = tl.program_id(0)
-    blk = pid // n_tiles
-    nt = pid % n_tiles
+    sk = pid % SPLIT
+    blk = pid // SPLIT // n_tiles
+    nt = pid // SPLIT % n_tiles
     e = tl.load(block_expert_ptr + blk)
     if e < 0:
         return
@@ -330,13 +333,15 @@ def moe_gemm2_kernel(
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-    nch = Ip // (2 * G)               # the intermediate has all Ip columns: no masks
+    nch = Ip // (2 * G) // SPLIT      # chunks of this split (Ip is a multiple of 128: even chunks)
+    c_first = sk * nch                # the intermediate has all Ip columns: no masks
     nmain = nch // U * U
     for c0 in range(0, nmain, U):
         for u in tl.static_range(U):
-            acc = _gemm2_chunk(acc, a_rows, valid, w_rows, s_rows, c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP)
+            acc = _gemm2_chunk(acc, a_rows, valid, w_rows, s_rows, c_first + c0 + u, BN, FMT, G, CDT, ASM,
+                               FOLD, SWAP)
     for c in range(nmain, nch):
-        acc = _gemm2_chunk(acc, a_rows, valid, w_rows, s_rows, c, BN, FMT, G, CDT, ASM, FOLD, SWAP)
+        acc = _gemm2_chunk(acc, a_rows, valid, w_rows, s_rows, c_first + c, BN, FMT, G, CDT, ASM, FOLD, SWAP)
     if SWAP:
         acc = tl.trans(acc)
     if FMT == 1:
@@ -345,22 +350,22 @@ def moe_gemm2_kernel(
             gs = gs * _NVFP4_POST
         acc = acc * gs
     if HAS_BIAS:
-        acc += tl.load(b_ptr + e64 * Hp + rn)[None, :]
+        acc += tl.load(b_ptr + e64 * Hp + rn, mask=(tl.zeros_like(rn) + sk) == 0, other=0.0)[None, :]
     wt = tl.load(topk_w_ptr + tl.where(valid, slots, 0), mask=valid, other=0.0)
     acc = acc * wt[:, None]
     slot64 = tl.where(valid, slots, 0).to(tl.int64)
-    tl.store(y_ptr + slot64[:, None] * H + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + sk * y_split_stride + slot64[:, None] * H + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=valid[:, None] & (rn < H)[None, :])
 
 
 @triton.jit
 def moe_combine_kernel(
-    y_ptr, ids_ptr, shared_ptr, out_ptr,  # y [M * k, H]; ids [M, k] i32; shared [M, H] or dummy; out [M, H]
-    H, top_k,
-    HAS_SHARED: tl.constexpr, K_P2: tl.constexpr, BH: tl.constexpr,
+    y_ptr, ids_ptr, shared_ptr, out_ptr,  # y [SPLIT, M * k, H]; ids [M, k] i32; shared [M, H] or dummy; out [M, H]
+    H, top_k, y_split_stride,
+    HAS_SHARED: tl.constexpr, K_P2: tl.constexpr, BH: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """out[t] = sum_j y[t * k + j] over slots with an expert (j in order: deterministic)
-    (+ shared_output[t]), written in out's dtype. Every element of out is written."""
+    """out[t] = sum over splits s, then slots j with an expert, of y[s, t * k + j] (fixed
+    order: deterministic) (+ shared_output[t]), in out's dtype. Every element of out is written."""
     t = tl.program_id(0).to(tl.int64)
     rh = tl.program_id(1) * BH + tl.arange(0, BH)
     hm = rh < H
@@ -368,6 +373,9 @@ def moe_combine_kernel(
     ids = tl.load(ids_ptr + t * top_k + rj, mask=rj < top_k, other=-1)
     use = ids >= 0
     y = tl.load(y_ptr + (t * top_k + rj)[:, None] * H + rh[None, :], mask=use[:, None] & hm[None, :], other=0.0)
+    for s in tl.static_range(1, SPLIT):
+        y += tl.load(y_ptr + s * y_split_stride + (t * top_k + rj)[:, None] * H + rh[None, :],
+                     mask=use[:, None] & hm[None, :], other=0.0)
     acc = tl.sum(y.to(tl.float32), axis=0)
     if HAS_SHARED:
         acc += tl.load(shared_ptr + t * H + rh, mask=hm, other=0.0).to(tl.float32)

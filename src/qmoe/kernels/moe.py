@@ -58,6 +58,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     k_unroll: int = 4
+    split_k: int = 1
 
     def __post_init__(self):
         for f in ("block_m", "block_n1", "block_n2"):
@@ -66,6 +67,8 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{f}: expected a power of two >= 16, got {v}")
         if self.k_unroll not in (1, 2, 4, 8):
             raise ValueError(f"KernelConfig.k_unroll: expected 1, 2, 4 or 8, got {self.k_unroll}")
+        if self.split_k not in (1, 2):
+            raise ValueError(f"KernelConfig.split_k: expected 1 or 2, got {self.split_k}")
 
 
 @dataclass(eq=False)
@@ -247,17 +250,18 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         FMT=fmt, G=G, HAS_BIAS=has_bias1, HAS_LIMIT=limit is not None,
         BM=BM, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold13,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    y = torch.empty(M * k, H, dtype=torch.float32, device=x.device)
+    S = cfg.split_k
+    y = torch.empty(S, M * k, H, dtype=torch.float32, device=x.device)
     n2 = Hp // cfg.block_n2
-    k2 = K.moe_gemm2_kernel[(NB * n2,)](
+    k2 = K.moe_gemm2_kernel[(NB * n2 * S,)](
         inter, weights.w2, weights.s2,
         weights.gs2 if weights.gs2 is not None else dummy, weights.b2 if has_bias2 else dummy,
         y, grp.sorted_slots, grp.block_expert, topk_weights,
-        H, Hp, Ip, n2, weights.w2.stride(1), weights.s2.stride(1),
+        H, Hp, Ip, n2, weights.w2.stride(1), weights.s2.stride(1), M * k * H,
         FMT=fmt, G=G, HAS_BIAS=has_bias2,
         BM=BM, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold2,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _record(stats, (("gemm1", k1, NB * n1), ("gemm2", k2, NB * n2)))
+        SPLIT=S, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _record(stats, (("gemm1", k1, NB * n1), ("gemm2", k2, NB * n2 * S)))
     return _combine(y, topk_ids, out, shared_output)
 
 
@@ -271,10 +275,12 @@ def _record(stats, launches):
 
 
 def _combine(y, topk_ids, out, shared_output):
+    """y: [S, M * k, H] fp32 (S split-K partial sums) -> out (+ shared_output)."""
     M, H = out.shape
     k = topk_ids.shape[1]
     BH = min(1024, triton.next_power_of_2(H))
     K.moe_combine_kernel[(M, triton.cdiv(H, BH))](
-        y, topk_ids, shared_output if shared_output is not None else out, out, H, k,
-        HAS_SHARED=shared_output is not None, K_P2=max(2, triton.next_power_of_2(k)), BH=BH, num_warps=4)
+        y, topk_ids, shared_output if shared_output is not None else out, out, H, k, y.stride(0),
+        HAS_SHARED=shared_output is not None, K_P2=max(2, triton.next_power_of_2(k)), BH=BH,
+        SPLIT=y.shape[0], num_warps=4)
     return out
