@@ -398,3 +398,17 @@ class FlashInferBackend(Backend):
 
     def _supports(self, spec, fmt, device) -> Support:
         raise NotImplementedError
+
+    @staticmethod
+    def _gated(path: str, fi, what: str) -> Support:
+        """The last step of every _supports: the known-defect / not-yet-verified gate for `path`
+        under the installed version; `what` names the kernel when it passes."""
+        ok, note = gate(path, fi.version)
+        return Support(True, f"{what}{note}") if ok else Support(False, note)
+
+    def _require(self, spec, weights) -> Support:
+        """supports() for these weights, or ValueError with its reason (prepare's first step)."""
+        sup = self.supports(spec, weights.format, weights.device)
+        if not sup.ok:
+            raise ValueError(f"backend: {self.name} cannot run this layer: {sup.reason}")
+        return sup

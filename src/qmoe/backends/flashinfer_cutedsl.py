@@ -70,15 +70,10 @@ class FlashInferCuteDslBackend(compat.FlashInferBackend):
             return Support(False, f"flashinfer {fi.version} has no block_scale_interleave")
         if spec.bias:
             return Support(False, "cute_dsl_fused_moe_nvfp4 takes no biases; this layer has them")
-        ok, note = compat.gate(PATH, fi.version)
-        if not ok:
-            return Support(False, note)
-        return Support(True, f"flashinfer {fi.version} CuTe-DSL NVFP4 W4A16 (bf16 activations){note}")
+        return self._gated(PATH, fi, f"flashinfer {fi.version} CuTe-DSL NVFP4 W4A16 (bf16 activations)")
 
     def prepare(self, spec: MoESpec, weights: ExpertWeights) -> Prepared:
-        sup = self.supports(spec, weights.format, weights.device)
-        if not sup.ok:
-            raise ValueError(f"backend: flashinfer_cutedsl cannot run this layer: {sup.reason}")
+        self._require(spec, weights)
         if weights.has_bias:
             raise ValueError("weights: cute_dsl_fused_moe_nvfp4 takes no biases; these weights have them")
         fi, _ = compat.load()

@@ -67,15 +67,10 @@ class FlashInferCutlassBackend(compat.FlashInferBackend):
             if missing:
                 return Support(False, f"{missing} (the SM90 W4A16 path needs flashinfer >= 0.6.10; "
                                       f"qmoe recommends >= 0.6.18)")
-        ok, note = compat.gate(PATH, fi.version)
-        if not ok:
-            return Support(False, note)
-        return Support(True, f"flashinfer {fi.version} SM90 CUTLASS W4A16 (MXFP4 weights, bf16 activations){note}")
+        return self._gated(PATH, fi, f"flashinfer {fi.version} SM90 CUTLASS W4A16 (MXFP4 weights, bf16 activations)")
 
     def prepare(self, spec: MoESpec, weights: ExpertWeights) -> Prepared:
-        sup = self.supports(spec, weights.format, weights.device)
-        if not sup.ok:
-            raise ValueError(f"backend: flashinfer_cutlass cannot run this layer: {sup.reason}")
+        self._require(spec, weights)
         fi, _ = compat.load()
         E, H, I = weights.num_experts, weights.hidden_size, weights.intermediate_size
         Hp, Ip = compat.padded(H, TILE), compat.padded(I, TILE)

@@ -99,16 +99,11 @@ class FlashInferTrtllmBackend(compat.FlashInferBackend):
             return Support(False, f"flashinfer {fi.version} has no block_scale_interleave")
         if fmt == "int4" and spec.bias:
             return Support(False, "trtllm_mxint4_block_scale_routed_moe takes no biases; this layer has them")
-        ok, note = compat.gate(path, fi.version)
-        if not ok:
-            return Support(False, note)
-        return Support(True, f"flashinfer {fi.version} trtllm-gen {kernel} ({fmt} weights, bf16 activations){note}")
+        return self._gated(path, fi, f"flashinfer {fi.version} trtllm-gen {kernel} ({fmt} weights, bf16 activations)")
 
     def prepare(self, spec: MoESpec, weights: ExpertWeights) -> Prepared:
         fmt = weights.format
-        sup = self.supports(spec, fmt, weights.device)
-        if not sup.ok:
-            raise ValueError(f"backend: flashinfer_trtllm cannot run this layer: {sup.reason}")
+        self._require(spec, weights)
         if fmt == "int4" and weights.has_bias:
             raise ValueError("weights: trtllm_mxint4_block_scale_routed_moe takes no biases; these weights have them")
         fi, _ = compat.load()
