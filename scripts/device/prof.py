@@ -14,7 +14,7 @@ w = random_weights(spec, "mxfp4", "cuda", bias_std=0.5)
 prep = get_backend("triton").prepare(spec, w)
 kw, act = prep.meta["kernel_weights"], spec.activation
 M = int(os.environ.get("PROF_M", "1"))
-cfg = C(16, 32, 64, False, 4, 3, 4) if M < 256 else C(128, 64, 64, True, 4, 3, 2)
+cfg = C(16, 64, 64, False, 4, 3, 4) if M <= 256 else C(128, 128, 64, False, 8, 3, 2)  # H100 table
 x = torch.randn(M, 2880, device="cuda").to(torch.bfloat16)
 ids, tw = qmoe.route(spec, torch.randn(M, 128, device="cuda"))
 out = torch.empty(M, 2880, dtype=torch.bfloat16, device="cuda")

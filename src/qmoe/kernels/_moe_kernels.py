@@ -196,6 +196,23 @@ def _mma(acc, a, w, SWAP: tl.constexpr):
 
 
 @triton.jit
+def _block_slots(sorted_ptr, blk, BM: tl.constexpr):
+    """Block blk's sorted rows: (row indices [BM], slot ids [BM] (-1 = padding), valid [BM])."""
+    rm = blk * BM + tl.arange(0, BM)
+    slots = tl.load(sorted_ptr + rm)
+    return rm, slots, slots >= 0
+
+
+@triton.jit
+def _nvfp4_global_scale(gs_ptr, e, ASM: tl.constexpr):
+    """Expert e's nvfp4 global scale, times NVFP4_POST on the GPU (its decode leaves 2^-8 out)."""
+    gs = tl.load(gs_ptr + e)
+    if ASM:
+        gs = gs * _NVFP4_POST
+    return gs
+
+
+@triton.jit
 def _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg_rows, su_rows, c,
                  BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
                  FOLD: tl.constexpr, SWAP: tl.constexpr, MASK: tl.constexpr):
@@ -253,9 +270,7 @@ def moe_gemm1_kernel(
     if e < 0:
         return
     e64 = e.to(tl.int64)
-    rm = blk * BM + tl.arange(0, BM)
-    slots = tl.load(sorted_ptr + rm)
-    valid = slots >= 0
+    rm, slots, valid = _block_slots(sorted_ptr, blk, BM)
     tok = tl.where(valid, slots // top_k, 0).to(tl.int64)
     rn = nt * BN + tl.arange(0, BN)
     wg_rows = w_ptr + (e64 * 2 * Ip + rn)[:, None] * KB
@@ -283,9 +298,7 @@ def moe_gemm1_kernel(
         acc_g = tl.trans(acc_g)
         acc_u = tl.trans(acc_u)
     if FMT == 1:
-        gs = tl.load(gs_ptr + e)
-        if ASM:
-            gs = gs * _NVFP4_POST
+        gs = _nvfp4_global_scale(gs_ptr, e, ASM)
         acc_g = acc_g * gs
         acc_u = acc_u * gs
     if HAS_BIAS:
@@ -322,9 +335,7 @@ def moe_gemm2_kernel(
     if e < 0:
         return
     e64 = e.to(tl.int64)
-    rm = blk * BM + tl.arange(0, BM)
-    slots = tl.load(sorted_ptr + rm)
-    valid = slots >= 0
+    rm, slots, valid = _block_slots(sorted_ptr, blk, BM)
     rn = nt * BN + tl.arange(0, BN)
     w_rows = w_ptr + (e64 * Hp + rn)[:, None] * KB
     s_rows = s_ptr + (e64 * Hp + rn)[:, None] * NSC
@@ -345,10 +356,7 @@ def moe_gemm2_kernel(
     if SWAP:
         acc = tl.trans(acc)
     if FMT == 1:
-        gs = tl.load(gs_ptr + e)
-        if ASM:
-            gs = gs * _NVFP4_POST
-        acc = acc * gs
+        acc = acc * _nvfp4_global_scale(gs_ptr, e, ASM)
     if HAS_BIAS:
         acc += tl.load(b_ptr + e64 * Hp + rn, mask=(tl.zeros_like(rn) + sk) == 0, other=0.0)[None, :]
     wt = tl.load(topk_w_ptr + tl.where(valid, slots, 0), mask=valid, other=0.0)
