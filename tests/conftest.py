@@ -7,6 +7,7 @@ any test module imports qmoe.kernels.
 
 import dataclasses
 import os
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import qmoe  # noqa: E402
+
+FAKES = os.path.join(os.path.dirname(__file__), "fakes")
+"""Fake packages of the peers' APIs (FlashInfer, triton_kernels, vLLM's ops, humming) for CPU tests."""
+if FAKES not in sys.path:
+    sys.path.insert(0, FAKES)
 
 
 def small_spec(E=4, k=2, H=64, I=32, *, bias=True, activation=None, routing=None) -> qmoe.MoESpec:

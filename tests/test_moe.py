@@ -16,7 +16,7 @@ M, H, E, K = 3, SPEC.hidden_size, SPEC.num_experts, SPEC.top_k
 
 @pytest.fixture(scope="module")
 def moe():
-    return qmoe.MoE(SPEC, random_weights(SPEC), backend="reference")
+    return qmoe.MoE(SPEC, random_weights(SPEC), backend="reference", check_ids="raise")
 
 
 def good():
@@ -75,7 +75,7 @@ def test_out_is_left_alone_when_input_is_rejected(moe):
 
 @pytest.mark.parametrize("logits,bias,match", [
     (torch.randn(M + 1, E), None, rf"router_logits: expected shape \[{M}, {E}\], got \[{M + 1}, {E}\]"),
-    (torch.randn(M, E + 1), None, rf"router_logits: expected shape \[M, {E}\], got \[{M}, {E + 1}\]"),
+    (torch.randn(M, E + 1), None, rf"router_logits: expected shape \[{M}, {E}\], got \[{M}, {E + 1}\]"),
     (torch.randn(E), None, rf"router_logits: expected shape \[{M}, {E}\], got \[{E}\]"),
     (torch.randn(M, E, device="meta"), None, r"router_logits: expected device cpu .*got meta"),
     (torch.randn(M, E), torch.zeros(E + 1), rf"correction_bias: expected shape \[{E}\], got \[{E + 1}\]"),
@@ -170,8 +170,8 @@ def test_specs_are_frozen_and_replace_makes_variants():
     (lambda: qmoe.Routing("topk"), r"Routing.mode: expected one of .*, got 'topk'"),
     (lambda: qmoe.Routing("sigmoid_grouped", n_group=2, topk_group=3), r"need 1 <= topk_group <= n_group, got topk_group=3, n_group=2"),
     (lambda: qmoe.Routing(routed_scaling_factor=0.0), r"Routing.routed_scaling_factor: expected a positive number, got 0.0"),
-    (lambda: qmoe.SwiGLU(limit=0.0), r"SwiGLU.limit: expected None or a positive number, got 0.0"),
-    (lambda: qmoe.SwiGLU(alpha=float("inf")), r"SwiGLU: alpha and beta must be finite"),
+    (lambda: qmoe.SwiGLU(limit=0.0), r"SwiGLU.limit: expected None or a finite positive number, got 0.0"),
+    (lambda: qmoe.SwiGLU(alpha=float("inf")), r"SwiGLU.alpha: expected a finite number, got inf"),
 ])
 def test_spec_validation(make, match):
     with pytest.raises(ValueError, match=match):

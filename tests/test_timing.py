@@ -30,7 +30,7 @@ def test_measure_cpu_median_of_timed_calls_after_warmup(monkeypatch):
     clock.install(monkeypatch)
     r = timing.measure(clock.fn, device="cpu", warmup=2, reps=5)
     assert clock.calls == 7
-    assert r == {"median_us": 5.0, "min_us": 3.0, "reps": 5, "method": "wall", "note": None}
+    assert r == {"median_us": 5.0, "min_us": 3.0, "reps": 5, "method": "wall", "flush_l2": False, "note": None}
 
 
 def test_measure_caps_reps_by_max_seconds(monkeypatch):
@@ -51,5 +51,20 @@ def test_measure_rejects_bad_counts():
 
 def test_roofline_on_cpu_is_not_modelled():
     r = timing.roofline("cpu")
-    assert r["copy_GBps"] is None and r["bf16_TFLOPs"] is None
-    assert r["device"] == "cpu" and r["gemm_size"] == 8192 and r["copy_bytes"] == 1 << 30
+    assert r["copy_GBps"] is None and r["bf16_TFLOPs"] is None and r["read_GBps"] is None
+    assert r["device"] == "cpu" and r["gemm_size"] == 8192 and r["copy_bytes"] == 4 << 30
+    assert "eager" in r["method"]
+    assert timing.floor_us(1000, 10, r) is None
+
+
+def test_floor_is_read_bandwidth_or_compute_whichever_is_larger():
+    roof = {"read_GBps": 4000.0, "copy_GBps": 3000.0, "bf16_TFLOPs": 800.0}
+    assert timing.floor_us(4_000_000, 1, roof) == (1.0, "memory")  # 4 MB at 4 TB/s: 1 us (not the copy rate)
+    assert timing.floor_us(1, 8_000_000_000, roof) == (10.0, "compute")  # 8 GFLOP at 800 TFLOP/s
+    assert timing.floor_us(4_000_000, 1, {"copy_GBps": 2000.0, "bf16_TFLOPs": 800.0}) == (2.0, "memory")
+
+
+def test_the_l2_is_flushed_by_default():
+    import inspect
+
+    assert inspect.signature(timing.measure).parameters["flush_l2"].default is True

@@ -17,8 +17,8 @@ PRESET=${PRESET:-gpt-oss-120b}
 BACKENDS="--backend triton"
 if [ -d .whl ] && [ -f .fi_build/fi_sm90_build.json ]; then
   if [ ! -d /tmp/qmoe_fi_check/site/flashinfer ]; then
-    python3 scripts/device/flashinfer_check.py install --wheels .whl 2>&1 | tail -1
-    python3 scripts/device/flashinfer_check.py unpack --src .fi_build 2>&1 | tail -1
+    python3 scripts/device/flashinfer_build.py install --wheels .whl 2>&1 | tail -1
+    python3 scripts/device/flashinfer_build.py unpack --src .fi_build 2>&1 | tail -1
   fi
   export PYTHONPATH=src:/tmp/qmoe_fi_check/site FLASHINFER_DISABLE_JIT=1
   BACKENDS="--backend triton --backend flashinfer_cutlass"

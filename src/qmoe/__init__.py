@@ -8,13 +8,14 @@ this GPU, this library version and this batch size.
     out = moe(x, router_logits)
 """
 
-from .formats import FORMATS, QuantizedTensor, dequantize, quantize
+from .formats import FORMATS, QuantizedTensor, dequantize, format_info, quantize
 from .moe import MoE
 from .routing import route
 from .spec import MoESpec, Routing, SwiGLU, preset, presets
-from .weights import ExpertWeights, load_gpt_oss, save_gpt_oss
+from .weights import ExpertWeights, load_gpt_oss, random_weights, save_gpt_oss
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["FORMATS", "ExpertWeights", "MoE", "MoESpec", "QuantizedTensor", "Routing", "SwiGLU",
-           "dequantize", "load_gpt_oss", "preset", "presets", "quantize", "route", "save_gpt_oss"]
+           "dequantize", "format_info", "load_gpt_oss", "preset", "presets", "quantize", "random_weights",
+           "route", "save_gpt_oss"]

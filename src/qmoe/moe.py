@@ -1,11 +1,16 @@
-"""The public MoE object: one spec, one set of canonical weights, any backend."""
+"""The public MoE object: one spec, one set of canonical weights, any backend.
+
+The facade validates its arguments once, routes (qmoe.route), and runs the plan
+(qmoe.dispatch): the backend and its launch configuration for M tokens are resolved on the
+first call with that M and cached, so a call costs the checks and the kernels, nothing else.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from .backends import get_backend
-from .dispatch import make_plan, route
+from .dispatch import make_plan
+from .routing import check_inputs, route
 from .spec import MoESpec
 from .weights import ExpertWeights
 
@@ -20,16 +25,24 @@ class MoE:
     out = moe.experts(x, topk_ids, topk_weights, out=buf) # from given routing, into buf
 
     backend: "auto" (choose per token count from the tuning table, else static rules)
-             or a backend name ("reference", "triton", "flashinfer_cutlass", ...).
-    check_ids: validate that expert ids lie in [-1, E) (one host sync per call; skipped
-             automatically while a CUDA graph is being captured).
+             or a backend name (qmoe.backends.BACKEND_NAMES).
+    check_ids: what happens to expert ids outside [-1, E):
+             True (default): the token's output row becomes NaN, on the device, with no host
+               sync (free on backends that do it inside their kernels, like triton; about three
+               tiny extra kernels per call on the others), and nothing is read or written out of
+               bounds;
+             "raise": a ValueError naming the bad values (one host sync per call: it stalls the
+               CPU until the GPU catches up, which costs far more than a decode step; skipped
+               while a CUDA graph is being captured, where the True behaviour applies);
+             False: no guard (the caller promises valid ids; triton still never goes out of
+               bounds, other backends may).
     max_layout_bytes: for "auto", the total bytes all prepared layouts may take together (a
              decode winner and a prefill winner); None for the default, 2.5 x weights.nbytes.
              One layout is always kept, even over the budget.
     """
 
     def __init__(self, spec: MoESpec, weights: ExpertWeights, backend: str = "auto", *,
-                 check_ids: bool = True, max_layout_bytes: int | None = None):
+                 check_ids=True, max_layout_bytes: int | None = None):
         if not isinstance(spec, MoESpec):
             raise ValueError(f"spec: expected a MoESpec, got {type(spec).__name__}")
         if not isinstance(weights, ExpertWeights):
@@ -39,6 +52,11 @@ class MoE:
         if want != got:
             raise ValueError(f"weights: expected (num_experts, hidden_size, intermediate_size) = {want} "
                              f"from the spec, got {got}")
+        if spec.bias != weights.has_bias:
+            raise ValueError(f"weights: spec {spec.name or ''} says bias={spec.bias}, but the weights "
+                             f"{'have' if weights.has_bias else 'have no'} biases")
+        if not (check_ids is True or check_ids is False or check_ids == "raise"):
+            raise ValueError(f"check_ids: expected True, False or 'raise', got {check_ids!r}")
         self.spec = spec
         self.weights = weights
         self.check_ids = check_ids
@@ -59,7 +77,7 @@ class MoE:
     def __call__(self, x: torch.Tensor, router_logits: torch.Tensor,
                  correction_bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                  shared_output: torch.Tensor | None = None) -> torch.Tensor:
-        """Route (qmoe.dispatch.route: one fused Triton kernel on a GPU) and compute.
+        """Route (qmoe.route: one fused Triton kernel on a GPU) and compute.
 
         x: [M, H] bf16 (fp16, fp32 accepted); router_logits: [M, E] float;
         correction_bias: [E] float or None (sigmoid_grouped / sqrt_softplus routing);
@@ -67,20 +85,18 @@ class MoE:
         Returns out: [M, H] in x's dtype.
         """
         self._check_x(x)
-        if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2 \
-                or router_logits.shape[0] != x.shape[0]:
-            got = list(router_logits.shape) if isinstance(router_logits, torch.Tensor) else type(router_logits).__name__
-            raise ValueError(f"router_logits: expected shape [{x.shape[0]}, {self.spec.num_experts}], got {got}")
+        check_inputs(self.spec, router_logits, correction_bias, num_tokens=x.shape[0])
         self._check_device("router_logits", router_logits)
         topk_ids, topk_weights = route(self.spec, router_logits, correction_bias)
-        return self.experts(x, topk_ids, topk_weights, out=out, shared_output=shared_output)
+        return self._run(x, topk_ids, topk_weights, out, shared_output)
 
     def experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 out: torch.Tensor | None = None, *, shared_output: torch.Tensor | None = None) -> torch.Tensor:
         """Compute the experts from given routing.
 
         x: [M, H] bf16 (fp16, fp32 accepted)
-        topk_ids: [M, k] int32 or int64, values in [-1, E); -1 contributes nothing
+        topk_ids: [M, k] int32 or int64, values in [-1, E); -1 contributes nothing (see
+                  check_ids for other values)
         topk_weights: [M, k] float32 (fp16/bf16 accepted)
         out: [M, H] of x's dtype, or None; when given, the result is written into this very
              tensor and it is returned
@@ -97,11 +113,17 @@ class MoE:
             raise ValueError(f"topk_ids: expected int32 or int64, got {topk_ids.dtype}")
         if not topk_weights.is_floating_point():
             raise ValueError(f"topk_weights: expected a float tensor, got {topk_weights.dtype}")
-        if self.check_ids and M and not _capturing(x.device):
+        if self.check_ids == "raise" and M and not _capturing(x.device):
             lo, hi = int(topk_ids.min()), int(topk_ids.max())
             if lo < -1 or hi >= self.spec.num_experts:
                 raise ValueError(f"topk_ids: expected values in [-1, {self.spec.num_experts}), "
                                  f"got values in [{lo}, {hi}]")
+        topk_ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
+        topk_weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
+        return self._run(x, topk_ids.contiguous(), topk_weights.contiguous(), out, shared_output)
+
+    def _run(self, x, topk_ids, topk_weights, out, shared_output):
+        M = x.shape[0]
         if out is None:
             out = torch.empty(M, self.spec.hidden_size, dtype=x.dtype, device=x.device)
         else:
@@ -110,11 +132,16 @@ class MoE:
             self._check_out("shared_output", shared_output, None, M)
         if M == 0:
             return out
-        name = self.plan.backend_for(M)
-        topk_ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
-        topk_weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
-        get_backend(name).forward(self.plan.prepared[name], x.contiguous(), topk_ids.contiguous(),
-                                  topk_weights.contiguous(), out, shared_output)
+        backend, run = self.plan.runner(M)
+        guard = not backend.poisons_bad_ids and (
+            self.check_ids is True or (self.check_ids == "raise" and _capturing(x.device)))
+        if guard:  # device-side: bad ids become -1 for the backend, and their rows NaN after
+            E = self.spec.num_experts
+            bad = (topk_ids < -1) | (topk_ids >= E)
+            topk_ids = torch.where(bad, -1, topk_ids)
+        run(x.contiguous(), topk_ids, topk_weights, out, shared_output)
+        if guard:
+            out.masked_fill_(bad.any(dim=1, keepdim=True), float("nan"))
         return out
 
     # --- validation ---------------------------------------------------------------------------

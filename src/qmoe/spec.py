@@ -9,6 +9,10 @@ from types import MappingProxyType
 ROUTING_MODES = ("softmax", "sigmoid_grouped", "sqrt_softplus")
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class SwiGLU:
     """The SwiGLU family: g = min(gate, limit); u = clamp(up, -limit, limit);
@@ -20,10 +24,12 @@ class SwiGLU:
     limit: float | None = None
 
     def __post_init__(self):
-        if not math.isfinite(self.alpha) or not math.isfinite(self.beta):
-            raise ValueError(f"SwiGLU: alpha and beta must be finite, got {self.alpha}, {self.beta}")
-        if self.limit is not None and not (self.limit > 0):
-            raise ValueError(f"SwiGLU.limit: expected None or a positive number, got {self.limit}")
+        for name in ("alpha", "beta"):
+            v = getattr(self, name)
+            if not _is_number(v) or not math.isfinite(v):
+                raise ValueError(f"SwiGLU.{name}: expected a finite number, got {v!r}")
+        if self.limit is not None and not (_is_number(self.limit) and math.isfinite(self.limit) and self.limit > 0):
+            raise ValueError(f"SwiGLU.limit: expected None or a finite positive number, got {self.limit!r}")
 
 
 @dataclass(frozen=True)
@@ -47,14 +53,23 @@ class Routing:
     routed_scaling_factor: float = 1.0
 
     def __post_init__(self):
-        if self.mode not in ROUTING_MODES:
+        if not isinstance(self.mode, str) or self.mode not in ROUTING_MODES:
             raise ValueError(f"Routing.mode: expected one of {ROUTING_MODES}, got {self.mode!r}")
-        if not math.isfinite(self.routed_scaling_factor) or self.routed_scaling_factor <= 0:
-            raise ValueError(f"Routing.routed_scaling_factor: expected a positive number, "
-                             f"got {self.routed_scaling_factor}")
-        if self.n_group < 1 or not (1 <= self.topk_group <= self.n_group):
+        if not isinstance(self.renormalize, bool):
+            raise ValueError(f"Routing.renormalize: expected True or False, got {self.renormalize!r}")
+        f = self.routed_scaling_factor
+        if not _is_number(f) or not math.isfinite(f) or f <= 0:
+            raise ValueError(f"Routing.routed_scaling_factor: expected a positive number, got {f!r}")
+        for name in ("n_group", "topk_group"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"Routing.{name}: expected a positive int, got {v!r}")
+        if not self.topk_group <= self.n_group:
             raise ValueError(f"Routing: need 1 <= topk_group <= n_group, got topk_group={self.topk_group}, "
                              f"n_group={self.n_group}")
+        if self.mode == "softmax" and (self.n_group, self.topk_group) != (1, 1):
+            raise ValueError(f"Routing.n_group: softmax routing has no expert groups (n_group=1, topk_group=1), "
+                             f"got n_group={self.n_group}, topk_group={self.topk_group}")
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,10 @@ class MoESpec:
             raise ValueError(f"MoESpec.activation: expected a SwiGLU, got {type(self.activation).__name__}")
         if not isinstance(self.routing, Routing):
             raise ValueError(f"MoESpec.routing: expected a Routing, got {type(self.routing).__name__}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"MoESpec.bias: expected True or False, got {self.bias!r}")
+        if not isinstance(self.name, str):
+            raise ValueError(f"MoESpec.name: expected a string, got {self.name!r}")
         if self.top_k > self.num_experts:
             raise ValueError(f"MoESpec.top_k: expected <= num_experts ({self.num_experts}), got {self.top_k}")
         if self.num_experts % self.routing.n_group:
@@ -96,9 +115,14 @@ class MoESpec:
                 raise ValueError(f"MoESpec: topk_group x experts per group ({self.routing.topk_group} x "
                                  f"{per_group}) must be >= top_k ({self.top_k})")
 
+    def flops(self, num_slots: int) -> int:
+        """FLOPs (multiply-adds x 2) of GEMM1 + GEMM2 for num_slots (token, expert) pairs: the one
+        FLOP formula of qmoe (2 * slots * 3 * H * I)."""
+        return 2 * int(num_slots) * 3 * self.hidden_size * self.intermediate_size
+
     def flops_per_token(self) -> int:
-        """Multiply-adds x 2 of the experts for one token (GEMM1 + GEMM2, all k experts)."""
-        return 2 * self.top_k * 3 * self.hidden_size * self.intermediate_size
+        """FLOPs of the experts for one token (all k experts)."""
+        return self.flops(self.top_k)
 
 
 _GPT_OSS_ACT = SwiGLU(alpha=1.702, beta=1.0, limit=7.0)

@@ -1,13 +1,23 @@
-"""How qmoe times things: one `measure` for every command, and the machine's roofline.
+"""How every qmoe command times things: one `measure`, one CUDA-graph capture recipe, and the
+machine's ceilings measured in the same run.
 
     r = measure(lambda: backend.forward(prepared, x, ids, w, out), device=x.device)
     r["median_us"], r["method"]        # e.g. 61.3, "cuda_graph"
-    roofline("cuda")                   # {"copy_GBps": 3021.4, "bf16_TFLOPs": 689.0, ...}
+    roof = roofline("cuda")            # {"read_GBps": 4610.0, "copy_GBps": 4278.0, "bf16_TFLOPs": 797.0, ...}
+    floor_us(weight_bytes, flops, roof)
 
-On a GPU, `measure` captures the call in a CUDA graph and times replays with CUDA events, so
-the host's launch overhead (which an engine running CUDA graphs never pays) is left out; a call
-that cannot be captured (it synchronizes with the host, say) is timed eagerly between events
-instead, and the result says why. On a CPU it uses the wall clock.
+On a GPU, `measure` captures the call in a CUDA graph (`capture_graph`) and times replays with
+CUDA events, so the host's launch overhead (which an engine running CUDA graphs never pays) is
+left out, and by default it flushes the L2 before every timed replay: a model runs other layers
+between two calls of a MoE layer, and at decode the active experts would otherwise be served
+from L2 (on an H200 the 4 active gpt-oss-120b experts, 53 MB, fit in its 60 MB). A call that
+cannot be captured is timed eagerly between events instead, and the result says why. On a CPU
+the wall clock.
+
+The ceilings are never timed inside a graph: a device-to-device copy captured in a graph becomes
+a memcpy node served by a copy engine and reads about 35% low on an H200. Weights are only
+read, so the memory floor uses the read bandwidth of a streaming Triton kernel
+(qmoe.kernels.bandwidth); the copy bandwidth is reported beside it.
 """
 
 from __future__ import annotations
@@ -17,12 +27,28 @@ import time
 
 import torch
 
-_L2_FLUSH_BYTES = 256 << 20
-"""Zeroed before each timed GPU call when flush_l2=True: larger than any current L2 (H100 50 MB)."""
+L2_FLUSH_BYTES = 256 << 20
+"""Zeroed before each timed GPU call when flush_l2=True: larger than any current L2 (H200: 60 MB)."""
+
+
+def capture_graph(fn) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of one call of fn() on the current device: torch's recipe (one warm-up call
+    on a side stream first, so lazy initialisations do not happen inside the capture). Raises
+    whatever the capture raises."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph
 
 
 def measure(fn, *, device, warmup: int = 5, reps: int = 50, use_graph: bool = True,
-            max_seconds: float | None = None, flush_l2: bool = False) -> dict:
+            max_seconds: float | None = None, flush_l2: bool = True) -> dict:
     """Time fn() (no arguments; its result is ignored).
 
     device: where fn runs ("cuda", "cuda:1", torch.device, or "cpu").
@@ -32,15 +58,15 @@ def measure(fn, *, device, warmup: int = 5, reps: int = 50, use_graph: bool = Tr
         between events when capture fails).
     max_seconds: cap on the time spent in timed calls; fewer reps (at least 3) are taken
         when one call is slow.
-    flush_l2: on CUDA, overwrite a 256 MB buffer before each timed call so the weights
-        come from memory, not from L2 (closer to a model where other layers run in between).
+    flush_l2: on CUDA, overwrite a 256 MB buffer before each timed call so the weights come
+        from memory, not from L2 (as in a model, where other layers run in between).
 
     Returns {"median_us": float, "min_us": float, "reps": int,
-             "method": "cuda_graph" | "cuda_events" | "wall",
+             "method": "cuda_graph" | "cuda_events" | "wall", "flush_l2": bool,
              "note": None or why a CUDA graph was not used}.
     """
-    if warmup < 0 or reps < 1:
-        raise ValueError(f"warmup, reps: expected warmup >= 0 and reps >= 1, got {warmup}, {reps}")
+    if not (isinstance(warmup, int) and warmup >= 0 and isinstance(reps, int) and reps >= 1):
+        raise ValueError(f"warmup, reps: expected warmup >= 0 and reps >= 1, got {warmup!r}, {reps!r}")
     device = torch.device(device)
     if device.type == "cuda":
         with torch.cuda.device(device):
@@ -54,9 +80,9 @@ def _capped_reps(reps, max_seconds, seconds_per_call):
     return max(3, min(reps, int(max_seconds / seconds_per_call)))
 
 
-def _summary(times_us, method, note):
+def _summary(times_us, method, note, flush_l2=False):
     return {"median_us": statistics.median(times_us), "min_us": min(times_us), "reps": len(times_us),
-            "method": method, "note": note}
+            "method": method, "flush_l2": flush_l2, "note": note}
 
 
 def _measure_wall(fn, warmup, reps, max_seconds):
@@ -83,19 +109,8 @@ def _measure_cuda(fn, warmup, reps, use_graph, max_seconds, flush_l2):
 
     run, method, note = fn, "cuda_events", None
     if use_graph:
-        graph = torch.cuda.CUDAGraph()
         try:
-            # torch's recipe: run once on a side stream first so lazy initialisations
-            # (cuBLAS workspaces, allocator pools) do not happen inside the capture
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph):
-                fn()
-            torch.cuda.synchronize()
-            run, method = graph.replay, "cuda_graph"
+            run, method = capture_graph(fn).replay, "cuda_graph"
         except Exception as e:  # any capture failure: time eagerly and say why
             note = f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             try:
@@ -104,8 +119,12 @@ def _measure_cuda(fn, warmup, reps, use_graph, max_seconds, flush_l2):
                 pass
     else:
         note = "CUDA graphs not requested"
+    return _summary(_event_times(run, reps, flush_l2), method, note, flush_l2)
 
-    scratch = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda") if flush_l2 else None
+
+def _event_times(run, reps, flush_l2=False) -> list:
+    """Microseconds of `reps` calls of run(), each between its own pair of CUDA events."""
+    scratch = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda") if flush_l2 else None
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for s, e in zip(starts, ends):
@@ -115,36 +134,66 @@ def _measure_cuda(fn, warmup, reps, use_graph, max_seconds, flush_l2):
         run()
         e.record()
     torch.cuda.synchronize()
-    times = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]  # ms -> us
-    return _summary(times, method, note)
+    return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]  # ms -> us
 
 
-def roofline(device, *, copy_bytes: int = 1 << 30, gemm_size: int = 8192, reps: int = 20) -> dict:
-    """The GPU's measured ceilings, for "% of roofline" figures.
+def roofline(device, *, copy_bytes: int = 4 << 30, gemm_size: int = 8192, reps: int = 20) -> dict:
+    """The GPU's measured ceilings, for "% of roofline" figures; every probe timed eagerly
+    (CUDA events around each call, median of `reps`), never inside a graph.
 
-    copy_GBps: a device-to-device copy of `copy_bytes` (bytes read + bytes written per second / 1e9).
-    bf16_TFLOPs: a bf16 [n, n] @ [n, n] matmul with n = gemm_size (2 n^3 FLOPs per call / 1e12).
-    On a CPU both are None (qmoe does not model CPU rooflines).
-    Returns {"device": name, "copy_GBps", "bf16_TFLOPs", "copy_bytes", "gemm_size"}.
+    read_GBps: a Triton kernel reading `copy_bytes` once (qmoe.kernels.bandwidth).
+    copy_GBps: a device-to-device copy of `copy_bytes` (bytes read + bytes written / s / 1e9).
+    bf16_TFLOPs: a bf16 [n, n] @ [n, n] matmul with n = gemm_size, on random data.
+    On a CPU all three are None (qmoe does not model CPU rooflines).
+    Returns {"device": name, "read_GBps", "copy_GBps", "bf16_TFLOPs", "copy_bytes", "gemm_size",
+             "method"}.
     """
     device = torch.device(device)
-    res = {"device": device.type, "copy_GBps": None, "bf16_TFLOPs": None,
-           "copy_bytes": copy_bytes, "gemm_size": gemm_size}
+    res = {"device": device.type, "read_GBps": None, "copy_GBps": None, "bf16_TFLOPs": None,
+           "copy_bytes": copy_bytes, "gemm_size": gemm_size, "method": "eager, CUDA events, median"}
     if device.type != "cuda":
         return res
-    res["device"] = torch.cuda.get_device_name(device)
-    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    t = measure(lambda: dst.copy_(src), device=device, reps=reps)
-    res["copy_GBps"] = 2 * src.numel() * 4 / (t["median_us"] * 1e-6) / 1e9
-    src = dst = None  # free 2 x copy_bytes before the GEMM's buffers
-    n = gemm_size
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    c = torch.empty(n, n, dtype=torch.bfloat16, device=device)
-    t = measure(lambda: torch.matmul(a, b, out=c), device=device, reps=reps)
-    res["bf16_TFLOPs"] = 2 * n ** 3 / (t["median_us"] * 1e-6) / 1e12
+    with torch.cuda.device(device):
+        res["device"] = torch.cuda.get_device_name(device)
+        src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_()
+        dst = torch.empty_like(src)
+        for _ in range(3):
+            dst.copy_(src)
+        us = statistics.median(_event_times(lambda: dst.copy_(src), reps))
+        res["copy_GBps"] = 2 * src.numel() * 4 / (us * 1e-6) / 1e9
+        del dst
+        try:
+            from .kernels.bandwidth import read_sum
+
+            programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+            for _ in range(3):
+                read_sum(src, programs)
+            us = statistics.median(_event_times(lambda: read_sum(src, programs), reps))
+            res["read_GBps"] = src.numel() * 4 / (us * 1e-6) / 1e9
+        except Exception as e:  # no usable Triton: the floor falls back to the copy bandwidth
+            res["read_note"] = f"read probe failed ({type(e).__name__}: {e}); floor uses copy bandwidth"
+        del src
+        n = gemm_size
+        a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+        b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+        c = torch.empty(n, n, dtype=torch.bfloat16, device=device)
+        for _ in range(3):
+            torch.matmul(a, b, out=c)
+        us = statistics.median(_event_times(lambda: torch.matmul(a, b, out=c), reps))
+        res["bf16_TFLOPs"] = 2 * n ** 3 / (us * 1e-6) / 1e12
     return res
 
 
-__all__ = ["measure", "roofline"]
+def floor_us(bytes_read: int, flops: int, roof: dict) -> tuple[float, str] | None:
+    """(floor in microseconds, "memory" | "compute") for a call that reads `bytes_read` bytes and
+    does `flops` FLOPs, from a `roofline` result: max(bytes / read bandwidth, FLOPs / bf16 rate).
+    None when the roofline has no GPU numbers."""
+    bw = roof.get("read_GBps") or roof.get("copy_GBps")
+    if not bw or not roof.get("bf16_TFLOPs"):
+        return None
+    t_mem = bytes_read / (bw * 1e9) * 1e6
+    t_flop = flops / (roof["bf16_TFLOPs"] * 1e12) * 1e6
+    return (t_mem, "memory") if t_mem >= t_flop else (t_flop, "compute")
+
+
+__all__ = ["L2_FLUSH_BYTES", "capture_graph", "floor_us", "measure", "roofline"]

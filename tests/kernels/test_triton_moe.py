@@ -213,3 +213,57 @@ def test_swap_is_refused_for_e2m1():
     out = torch.empty(3, 64, dtype=torch.bfloat16, device=DEVICE)
     with pytest.raises(ValueError, match="swap=True is not available for mxfp4"):
         km.fused_moe(x, ids, tw, kw, 1.702, 1.0, 7.0, KernelConfig(16, 32, 32, True), out)
+
+
+# --- nothing silently wrong: NaN in, NaN out; bad ids never go out of bounds ----------------------
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("where", ["input", "scale"])
+@pytest.mark.parametrize("limit", [7.0, None])
+def test_nan_propagates_like_the_reference(fmt, where, limit):
+    """A NaN input or a NaN weight block must come out NaN, with and without the SwiGLU limit
+    (tl.minimum / tl.maximum drop NaN by default: tl.minimum(nan, 7) gave 7.0 on an H200)."""
+    from qmoe.cli.check.cases import with_nan_block
+
+    spec, w = make(4, 2, 64, 64, fmt, limit=limit, seed=11)
+    x, ids, tw = inputs(spec, 4, seed=3, drop=0.0)
+    if where == "input":
+        x[1, 5] = float("nan")
+        nan_rows = torch.tensor([False, True, False, False])
+    else:
+        w = with_nan_block(w, expert=2)
+        ids[2] = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)
+        nan_rows = (ids == 2).any(dim=1).cpu()
+    ref = reference_moe(spec, w, x, ids, tw)
+    assert torch.equal(torch.isnan(ref).all(dim=1).cpu(), nan_rows)
+    out = qmoe.MoE(spec, w, backend="triton").experts(x, ids, tw)
+    assert torch.equal(torch.isnan(out).all(dim=1).cpu(), nan_rows)
+    assert torch.isfinite(out[~nan_rows.to(DEVICE)]).all()
+
+
+@pytest.mark.parametrize("check_ids", [True, False])
+def test_out_of_range_ids_poison_their_row_without_going_out_of_bounds(check_ids):
+    """Ids >= E (or < -1) are dropped by the grouping and NaN their token's row inside the
+    combine kernel: no host sync, also with check_ids=False and during graph capture."""
+    spec, w = make(4, 2, 64, 64, "mxfp4", seed=2)
+    x, ids, tw = inputs(spec, 5, seed=4, drop=0.0)
+    bad = ids.clone()
+    bad[1, 0] = 4         # == E
+    bad[3, 1] = 1 << 20   # far past E
+    bad[4, 0] = -7
+    moe = qmoe.MoE(spec, w, backend="triton", check_ids=check_ids)
+    out = moe.experts(x, bad, tw)
+    rows = torch.isnan(out).all(dim=1).cpu().tolist()
+    assert rows == [False, True, False, True, True]
+    good = moe.experts(x, ids, tw)
+    assert torch.equal(out[0], good[0]) and torch.equal(out[2], good[2])
+
+
+def test_default_kernel_config_is_valid_for_every_format():
+    spec, _ = make(4, 2, 64, 64, "mxfp4")
+    for fmt in FORMATS:
+        assert KernelConfig().problem_with(fmt, 128, 128) is None, fmt
+        _, w = make(4, 2, 64, 64, fmt)
+        b = get_backend("triton")
+        x, ids, tw = inputs(spec, 3, seed=1)
+        out = b.forward(b.prepare(spec, w), x, ids, tw, torch.empty_like(x), config=KernelConfig())
+        assert rel_err(out, reference_moe(spec, w, x, ids, tw)) < TOL

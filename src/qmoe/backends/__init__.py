@@ -1,24 +1,19 @@
-"""Backends behind one protocol (see `base`). External libraries are imported only when
-a backend is asked about, never when qmoe is imported."""
+"""Backends behind one protocol (`base`), found by name through `registry`.
+
+    reference           PyTorch on any device: the ground truth (not capturable)
+    triton              qmoe's own Triton kernels (mxfp4, nvfp4, int4)
+    triton_kernels      OpenAI's triton_kernels matmul_ogs (mxfp4, SM90), as vLLM runs it
+    marlin              vLLM's Marlin MoE kernel (mxfp4, nvfp4, int4), as vLLM runs it
+    humming             humming-kernels W4A16 MoE (mxfp4, nvfp4, int4), as vLLM runs it
+    flashinfer_*        FlashInfer's fused MoE kernels (flashinfer/)
+
+External libraries are imported only when a backend is asked about, never when qmoe is imported.
+"""
 
 from __future__ import annotations
 
-import importlib
-
-from .base import Backend, Prepared, Support, cuda_capability
-
-BACKEND_NAMES = ("reference", "triton", "flashinfer_cutlass", "flashinfer_trtllm", "flashinfer_cutedsl")
-"""Every backend qmoe knows, in the order `qmoe env` lists them."""
-
-
-def get_backend(name: str) -> Backend:
-    """The backend object of that name (ValueError naming the known ones otherwise)."""
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"backend: expected one of {', '.join(BACKEND_NAMES)} or 'auto', got {name!r}")
-    try:
-        return importlib.import_module(f".{name}", __name__).BACKEND
-    except ImportError as e:  # a missing dependency of that backend: say so, in the usual form
-        raise ValueError(f"backend: {name} is not available here ({type(e).__name__}: {e})") from e
-
+from ..support import Support
+from .base import Backend, Prepared, cuda_capability
+from .registry import BACKEND_NAMES, get_backend
 
 __all__ = ["BACKEND_NAMES", "Backend", "Prepared", "Support", "cuda_capability", "get_backend"]

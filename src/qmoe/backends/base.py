@@ -1,40 +1,44 @@
-"""The backend protocol every backend implements.
+"""The backend protocol every backend implements, with the capabilities it declares.
 
-    name: str
-    supports(spec, fmt, device) -> Support(ok, reason)   # never raises; says why not
-    prepare(spec, weights) -> Prepared                    # once, at load
-    forward(prepared, x, topk_ids, topk_weights, out, shared_output=None) -> out
-                                                          # writes out; no host sync
+    class MyBackend(Backend):
+        name = "mine"
+        formats = ("mxfp4",)          # the formats it can ever run
+        capturable = True              # forward() can be captured in a CUDA graph
+        tunable = False                # offers tune() (kernel launch configurations)
+        first_use = ""                 # what the first prepare costs, for `qmoe env` ("JIT build, ~10 s")
+
+        def _supports(self, spec, fmt, device) -> Support: ...   # may raise: supports() turns it into a reason
+        def _prepare(self, spec, weights) -> Prepared: ...        # called only when supports() said yes
+        def forward(self, prepared, x, topk_ids, topk_weights, out, shared_output=None): ...
+
+`supports` is the one probe: it never raises, refuses formats outside `formats` by itself and
+turns an exception inside `_supports` (a broken optional import, say) into the reason.
+`prepare` runs the probe first and raises ValueError with its reason, so a backend never fails
+deep inside for a case it could have refused. Commands rely only on these declared attributes,
+never on `getattr` probes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
-
 import torch
 
 from ..spec import MoESpec
+from ..support import Support
 from ..weights import ExpertWeights
-
-
-class Support(NamedTuple):
-    """Whether a backend can run a (spec, format, device), and if not, why in words a user can act on."""
-
-    ok: bool
-    reason: str
-
-    def __bool__(self):
-        return self.ok
 
 
 @dataclass(eq=False)
 class Prepared:
     """A backend's own copy of the weights, made once by `prepare`.
 
-    tensors: the backend's tensors by name (layout documented by that backend)
-    meta: what made the layout (padding, block shapes, library versions); a layout is
-          only valid for the meta it was made with
+    backend: the name of the backend that made it (forward refuses another's);
+    spec, format, device: what it was made for;
+    tensors: the backend's tensors by name (layout documented by that backend; they count
+             towards `nbytes`);
+    meta: what made the layout (padding, block shapes, library versions) and objects the
+          forward needs (never counted as bytes); a layout is only valid for the meta it was
+          made with.
     """
 
     backend: str
@@ -46,24 +50,99 @@ class Prepared:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values() if isinstance(t, torch.Tensor))
+        """Bytes of the backend's own tensors (the canonical weights are not counted)."""
+        seen, n = set(), 0
+        for t in self.tensors.values():
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                n += t.numel() * t.element_size()
+        return n
 
 
 class Backend:
-    """Base class: subclasses set `name` and implement the three methods."""
+    """Base class: subclasses set the declared attributes and implement `_supports`,
+    `_prepare` and `forward` (and `tune` when `tunable`)."""
 
     name: str = ""
+    formats: tuple = ()
+    """Formats this backend can ever run (others are refused before `_supports` is asked)."""
+    capturable: bool = True
+    """Whether `forward` can be captured in a CUDA graph (no host synchronization)."""
+    tunable: bool = False
+    """Whether the backend offers `tune` (kernel-level launch configurations, `qmoe tune --kernels`)."""
+    first_use: str = ""
+    """What the first `prepare` costs beyond copying weights (JIT compilation, say), for `qmoe env`."""
+    poisons_bad_ids: bool = False
+    """Whether forward itself turns the output row of a token naming an id outside [-1, E) into
+    NaN without reading or writing out of bounds (else qmoe.MoE guards the ids for it)."""
 
-    def supports(self, spec: MoESpec, fmt: str, device: torch.device | str) -> Support:
-        raise NotImplementedError
+    def supports(self, spec: MoESpec, fmt: str, device) -> Support:
+        """Whether this backend can run `fmt` weights for `spec` on `device`; never raises."""
+        if fmt not in self.formats:
+            offered = ", ".join(self.formats) or "no format"
+            return Support(False, f"{self.name} runs {offered} weights; format {fmt} is not offered"
+                                  f"{self.format_hint(fmt)}")
+        try:
+            sup = self._supports(spec, fmt, torch.device(device))
+        except Exception as e:  # a probe that breaks is a reason, never a crash
+            return Support(False, f"probing {self.name} failed: {type(e).__name__}: {e}")
+        return Support(bool(sup[0]), str(sup[1]))
+
+    def require(self, spec: MoESpec, fmt: str, device) -> Support:
+        """supports(), or ValueError naming the backend and the reason (first step of prepare)."""
+        sup = self.supports(spec, fmt, device)
+        if not sup.ok:
+            raise ValueError(f"backend: {self.name} cannot run format {fmt} on {device}: {sup.reason}")
+        return sup
 
     def prepare(self, spec: MoESpec, weights: ExpertWeights) -> Prepared:
-        raise NotImplementedError
+        """The backend's layout of `weights`, made once (at load)."""
+        if not isinstance(weights, ExpertWeights):
+            raise ValueError(f"weights: expected an ExpertWeights, got {type(weights).__name__}")
+        self.require(spec, weights.format, weights.device)
+        return self._prepare(spec, weights)
 
     def forward(self, prepared: Prepared, x: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor, out: torch.Tensor,
                 shared_output: torch.Tensor | None = None) -> torch.Tensor:
+        """Compute the experts into `out` and return it.
+
+        x: [M, H] bf16 / fp16 / fp32 contiguous; topk_ids: [M, k] int32 in [-1, E) (-1: no
+        expert); topk_weights: [M, k] fp32; out: [M, H] of x's dtype, contiguous (every element
+        written); shared_output: [M, H] or None (added). No host synchronization when
+        `capturable`.
+        """
         raise NotImplementedError
+
+    def format_hint(self, fmt: str) -> str:
+        """Text appended to the refusal of a format this backend does not run (where to go
+        instead), e.g. " (int4: use marlin)"; empty by default."""
+        return ""
+
+    def runner(self, prepared: Prepared, num_tokens: int):
+        """forward(prepared, ...) for calls of num_tokens tokens, with whatever depends on the
+        token count (a launch configuration, say) resolved now rather than per call:
+        run(x, topk_ids, topk_weights, out, shared_output=None) -> out."""
+        def run(x, topk_ids, topk_weights, out, shared_output=None):
+            return self.forward(prepared, x, topk_ids, topk_weights, out, shared_output)
+
+        return run
+
+    def tune(self, spec: MoESpec, fmt: str, ms, device, **kwargs) -> dict:
+        """Kernel-level tuning (only when `tunable`)."""
+        raise NotImplementedError(f"{self.name} does not tune its kernels")
+
+    def _supports(self, spec: MoESpec, fmt: str, device: torch.device) -> Support:
+        raise NotImplementedError
+
+    def _prepare(self, spec: MoESpec, weights: ExpertWeights) -> Prepared:
+        raise NotImplementedError
+
+    def check_prepared(self, prepared) -> None:
+        """ValueError unless `prepared` was made by this backend."""
+        if getattr(prepared, "backend", None) != self.name:
+            raise ValueError(f"prepared: expected a layout prepared by {self.name}, got one by "
+                             f"{getattr(prepared, 'backend', type(prepared).__name__)}")
 
     def __repr__(self):
         return f"<qmoe backend {self.name}>"

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import dequantize
+from ..formats import FORMATS, dequantize
 from ..spec import MoESpec, SwiGLU
 from ..weights import ExpertWeights
 from .base import Backend, Prepared, Support
 
 
 def swiglu(act: SwiGLU, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gate, up: [..., I] float -> (u + beta) * g * sigmoid(alpha * g), same dtype."""
+    """gate, up: [..., I] float -> (u + beta) * g * sigmoid(alpha * g), same dtype, where
+    g = min(gate, limit) and u = clamp(up, -limit, limit) (torch.clamp keeps NaN: so must every
+    backend). The one torch home of the SwiGLU formula."""
     if act.limit is not None:
         gate = gate.clamp(max=act.limit)
         up = up.clamp(min=-act.limit, max=act.limit)
@@ -30,7 +32,8 @@ def reference_moe(spec: MoESpec, weights: ExpertWeights, x: torch.Tensor, topk_i
                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The MoE experts computed in `dtype` on the dequantized weights.
 
-    x: [M, H] float; topk_ids: [M, k] int (-1 = no expert); topk_weights: [M, k] float;
+    x: [M, H] float; topk_ids: [M, k] int (-1 = no expert; a token naming any id outside
+    [-1, E) gets a NaN row, as the kernels do); topk_weights: [M, k] float;
     shared_output: [M, H] or None (added to the result).
     Returns [M, H] in `dtype` (float64 by default: the yardstick for relative errors).
     """
@@ -39,6 +42,9 @@ def reference_moe(spec: MoESpec, weights: ExpertWeights, x: torch.Tensor, topk_i
     acc = torch.zeros(M, H, dtype=dtype, device=x.device)
     if M:
         ids = topk_ids.long()
+        E = weights.num_experts
+        bad = ((ids < -1) | (ids >= E)).any(dim=1)
+        ids = torch.where((ids >= 0) & (ids < E), ids, -1)
         xd = x.to(dtype)
         for e in torch.unique(ids[ids >= 0]).tolist():
             tok, slot = (ids == e).nonzero(as_tuple=True)
@@ -54,23 +60,34 @@ def reference_moe(spec: MoESpec, weights: ExpertWeights, x: torch.Tensor, topk_i
             if weights.b2 is not None:
                 y = y + weights.b2[e].to(dtype)
             acc.index_add_(0, tok, y * topk_weights[tok, slot].to(dtype).unsqueeze(1))
+        acc[bad] = float("nan")
     if shared_output is not None:
         acc += shared_output.to(dtype)
     return acc
 
 
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (||out - ref|| when ref is all zeros; NaN when out holds
+    NaN): the measure of every correctness figure qmoe reports."""
+    diff = (out.double() - ref.double()).norm().item()
+    norm = ref.double().norm().item()
+    return diff / norm if norm > 0 else diff
+
+
 class ReferenceBackend(Backend):
     name = "reference"
+    formats = FORMATS
     capturable = False  # finds the active experts on the host: no CUDA-graph capture
 
-    def supports(self, spec, fmt, device) -> Support:
+    def _supports(self, spec, fmt, device) -> Support:
         return Support(True, "PyTorch on any device (slow: loops over the active experts)")
 
-    def prepare(self, spec: MoESpec, weights: ExpertWeights) -> Prepared:
+    def _prepare(self, spec: MoESpec, weights: ExpertWeights) -> Prepared:
         # the canonical weights are this backend's layout: nothing is copied
         return Prepared(self.name, spec, weights.format, weights.device, meta={"weights": weights})
 
     def forward(self, prepared, x, topk_ids, topk_weights, out, shared_output=None):
+        self.check_prepared(prepared)
         if x.shape[0] == 0:
             return out
         res = reference_moe(prepared.spec, prepared.meta["weights"], x, topk_ids, topk_weights,

@@ -1,4 +1,5 @@
-"""Weight formats: one public pair, `quantize(x, fmt)` and `dequantize(q)`.
+"""Weight formats: the one home of format facts, and one public pair, `quantize(x, fmt)` and
+`dequantize(q)`.
 
 | format | element | block along K | scale                      | extra                 |
 | ------ | ------- | ------------- | -------------------------- | --------------------- |
@@ -8,7 +9,7 @@
 | bf16   | bf16    | -             | -                          | unquantized           |
 
 Every format quantizes along the LAST dimension; packed data holds two 4-bit
-codes per byte, low nibble = even element.
+codes per byte, low nibble = even element. `format_info(fmt)` gives these facts as data.
 """
 
 from __future__ import annotations
@@ -27,17 +28,52 @@ _MODULES = {"mxfp4": _mxfp4, "nvfp4": _nvfp4, "int4": _int4, "bf16": _bf16}
 FORMATS = tuple(_MODULES)
 """Names of the supported formats."""
 
+QUANTIZED_FORMATS = ("mxfp4", "nvfp4", "int4")
+"""The 4-bit formats (two codes per byte)."""
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    """The facts of one weight format.
+
+    element: "e2m1" | "int4" | "bf16"; block: elements per scale along K (1 for bf16);
+    scale: "e8m0" | "e4m3" | "bf16" | None; scale_dtype: the torch dtype scales are stored in;
+    global_scale: one fp32 scale per matrix on top of the block scales (nvfp4);
+    bits_per_weight: storage cost including scales.
+    """
+
+    name: str
+    element: str
+    block: int
+    scale: str | None
+    scale_dtype: torch.dtype | None
+    global_scale: bool
+    bits_per_weight: float
+
+
+_INFO = {
+    "mxfp4": FormatInfo("mxfp4", "e2m1", 32, "e8m0", torch.uint8, False, 4.25),
+    "nvfp4": FormatInfo("nvfp4", "e2m1", 16, "e4m3", torch.float8_e4m3fn, True, 4.5),
+    "int4": FormatInfo("int4", "int4", 32, "bf16", torch.bfloat16, False, 4.5),
+    "bf16": FormatInfo("bf16", "bf16", 1, None, None, False, 16.0),
+}
+
+
+def format_info(fmt: str) -> FormatInfo:
+    """The facts of format `fmt` (ValueError naming the known formats otherwise)."""
+    _module(fmt)
+    return _INFO[fmt]
+
 
 def block_size(fmt: str) -> int:
     """Elements per scale along K (1 for bf16)."""
-    return _module(fmt).BLOCK
+    return format_info(fmt).block
 
 
 def _module(fmt: str):
-    try:
-        return _MODULES[fmt]
-    except KeyError:
-        raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}") from None
+    if not isinstance(fmt, str) or fmt not in _MODULES:
+        raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    return _MODULES[fmt]
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,6 +180,8 @@ def quantize(x: torch.Tensor, fmt: str) -> QuantizedTensor:
         return QuantizedTensor("bf16", tuple(x.shape), x.to(torch.bfloat16).contiguous())
     if fmt == "nvfp4" and x.dim() < 2:
         raise ValueError(f"x: nvfp4 needs a matrix (one global scale per matrix), got shape {list(x.shape)}")
+    if x.numel() == 0:
+        return _empty(x.shape, fmt, x.device)
     if x.dim() >= 3:
         parts = [quantize(x[i], fmt) for i in range(x.shape[0])]
         data = torch.stack([p.data for p in parts])
@@ -155,6 +193,16 @@ def quantize(x: torch.Tensor, fmt: str) -> QuantizedTensor:
     return QuantizedTensor(fmt, tuple(x.shape), out[0].contiguous(), out[1].contiguous(), gs)
 
 
+def _empty(shape, fmt: str, device) -> QuantizedTensor:
+    """The quantized form of an empty tensor (some dimension is 0)."""
+    info = format_info(fmt)
+    lead, K = tuple(shape[:-1]), shape[-1]
+    data = torch.empty(*lead, K // 2, dtype=torch.uint8, device=device)
+    scales = torch.empty(*lead, K // info.block, dtype=info.scale_dtype, device=device)
+    gs = torch.ones(tuple(shape[:-2]), dtype=torch.float32, device=device) if info.global_scale else None
+    return QuantizedTensor(fmt, tuple(shape), data, scales, gs)
+
+
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """QuantizedTensor -> float32 tensor of its logical shape (NaN scales give NaN blocks)."""
     if not isinstance(q, QuantizedTensor):
@@ -164,4 +212,5 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     return _module(q.format).dequantize(q.data, q.scales, q.global_scale)
 
 
-__all__ = ["FORMATS", "QuantizedTensor", "block_size", "dequantize", "quantize"]
+__all__ = ["FORMATS", "FormatInfo", "QUANTIZED_FORMATS", "QuantizedTensor", "block_size", "dequantize",
+           "format_info", "quantize"]

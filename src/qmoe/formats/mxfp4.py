@@ -3,13 +3,16 @@
 E8M0 scale byte e means 2^(e - 127); 0xFF is NaN (the whole block is NaN);
 there is no zero. The quantizer never clips: the block exponent is
 ceil(log2(amax / 6)), so the block's largest magnitude lands at most on 6.
+One exception at the very top of the fp32 range: a code whose value times the scale
+would exceed the largest finite fp32 (amax above 6 x 2^125 = 2.55e38) rounds down to the
+largest code that stays finite, so a finite input never dequantizes to inf.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._fp4 import E2M1_MAX, e2m1_decode, e2m1_encode, pack_nibbles, unpack_nibbles
+from ._fp4 import E2M1_MAGNITUDES, E2M1_MAX, e2m1_decode, e2m1_encode, pack_nibbles, unpack_nibbles
 
 NAME = "mxfp4"
 BLOCK = 32
@@ -49,8 +52,25 @@ def quantize(x: torch.Tensor):
     # dividing by a power of two is exact (ldexp), so rounding happens once, in e2m1_encode
     a = torch.ldexp(blocks, (-e).unsqueeze(-1))
     a = torch.where((finite & nonzero).unsqueeze(-1), a, torch.zeros_like(a))
-    codes = e2m1_encode(a.clamp(-E2M1_MAX, E2M1_MAX)).reshape(x.shape)
+    codes = e2m1_encode(a.clamp(-E2M1_MAX, E2M1_MAX))
+    codes = _cap_to_finite(codes, e).reshape(x.shape)
     return pack_nibbles(codes), scale_byte
+
+
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _cap_to_finite(codes: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """codes [..., nb, 32] with block exponents e [..., nb]: magnitudes whose value x 2^e
+    would overflow fp32 (only possible for e >= 126) become the largest that does not."""
+    if not bool((e >= 126).any()):
+        return codes
+    mag = codes & 7
+    for e_big in (126, 127):
+        # the largest magnitude code c with E2M1[c] * 2^e_big finite
+        cap = max(c for c, v in enumerate(E2M1_MAGNITUDES) if v * 2.0 ** e_big <= _FP32_MAX)
+        mag = torch.where((e == e_big).unsqueeze(-1), mag.clamp(max=cap), mag)
+    return (codes & 8) | mag
 
 
 def dequantize(data: torch.Tensor, scales: torch.Tensor, global_scale=None) -> torch.Tensor:

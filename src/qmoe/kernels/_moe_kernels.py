@@ -304,9 +304,10 @@ def moe_gemm1_kernel(
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + e64 * 2 * Ip + rn)[None, :]
         acc_u += tl.load(b_ptr + e64 * 2 * Ip + Ip + rn)[None, :]
-    if HAS_LIMIT:
-        acc_g = tl.minimum(acc_g, limit)
-        acc_u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+    if HAS_LIMIT:  # NaN stays NaN, as torch.clamp keeps it (tl.minimum drops NaN by default)
+        acc_g = tl.minimum(acc_g, limit, propagate_nan=tl.PropagateNan.ALL)
+        acc_u = tl.minimum(tl.maximum(acc_u, -limit, propagate_nan=tl.PropagateNan.ALL), limit,
+                           propagate_nan=tl.PropagateNan.ALL)
     act = (acc_u + beta) * acc_g * tl.sigmoid(alpha * acc_g)
     tl.store(inter_ptr + rm.to(tl.int64)[:, None] * Ip + rn[None, :], act.to(inter_ptr.dtype.element_ty))
 
@@ -369,17 +370,20 @@ def moe_gemm2_kernel(
 @triton.jit
 def moe_combine_kernel(
     y_ptr, ids_ptr, shared_ptr, out_ptr,  # y [SPLIT, M * k, H]; ids [M, k] i32; shared [M, H] or dummy; out [M, H]
-    H, top_k, y_split_stride,
+    H, top_k, E, y_split_stride,
     HAS_SHARED: tl.constexpr, K_P2: tl.constexpr, BH: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """out[t] = sum over splits s, then slots j with an expert, of y[s, t * k + j] (fixed
-    order: deterministic) (+ shared_output[t]), in out's dtype. Every element of out is written."""
+    order: deterministic) (+ shared_output[t]), in out's dtype. Every element of out is written.
+    A token naming an id outside [-1, E) gets a NaN row (grouping ignored the slot): bad ids are
+    visible in the output, never a read or write out of bounds, and cost no host sync."""
     t = tl.program_id(0).to(tl.int64)
     rh = tl.program_id(1) * BH + tl.arange(0, BH)
     hm = rh < H
     rj = tl.arange(0, K_P2)
     ids = tl.load(ids_ptr + t * top_k + rj, mask=rj < top_k, other=-1)
-    use = ids >= 0
+    use = (ids >= 0) & (ids < E)
+    bad = tl.sum(((ids < -1) | (ids >= E)).to(tl.int32), axis=0) > 0
     y = tl.load(y_ptr + (t * top_k + rj)[:, None] * H + rh[None, :], mask=use[:, None] & hm[None, :], other=0.0)
     for s in tl.static_range(1, SPLIT):
         y += tl.load(y_ptr + s * y_split_stride + (t * top_k + rj)[:, None] * H + rh[None, :],
@@ -387,6 +391,7 @@ def moe_combine_kernel(
     acc = tl.sum(y.to(tl.float32), axis=0)
     if HAS_SHARED:
         acc += tl.load(shared_ptr + t * H + rh, mask=hm, other=0.0).to(tl.float32)
+    acc = tl.where(bad, float("nan"), acc)
     tl.store(out_ptr + t * H + rh, acc.to(out_ptr.dtype.element_ty), mask=hm)
 
 
@@ -397,10 +402,10 @@ def moe_combine_kernel(
 # combine sums by slot index, so the output does not depend on it (bitwise).
 
 @triton.jit
-def _rank_slots(ids_ptr, counts_ptr, rank_ptr, MK, start, CH: tl.constexpr):
+def _rank_slots(ids_ptr, counts_ptr, rank_ptr, MK, E, start, CH: tl.constexpr):
     rs = start + tl.arange(0, CH)
     ids = tl.load(ids_ptr + rs, mask=rs < MK, other=-1)
-    ok = ids >= 0
+    ok = (ids >= 0) & (ids < E)  # -1: no expert; >= E or < -1: a bad id (the combine poisons its row)
     r = tl.atomic_add(counts_ptr + tl.where(ok, ids, 0), 1, mask=ok)
     tl.store(rank_ptr + rs, r, mask=ok)
 
@@ -427,10 +432,10 @@ def _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB,
 
 
 @triton.jit
-def _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, start, CH: tl.constexpr):
+def _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, E, start, CH: tl.constexpr):
     rs = start + tl.arange(0, CH)
     ids = tl.load(ids_ptr + rs, mask=rs < MK, other=-1)
-    ok = ids >= 0
+    ok = (ids >= 0) & (ids < E)
     r = tl.load(rank_ptr + rs, mask=ok, other=0)
     st = tl.load(starts_ptr + tl.where(ok, ids, 0), mask=ok, other=0, cache_modifier=".cg")
     tl.store(sorted_ptr + st + r, rs, mask=ok)
@@ -444,16 +449,16 @@ def moe_group_small_kernel(ids_ptr, counts_ptr, starts_ptr, rank_ptr, sorted_ptr
     re = tl.arange(0, E_P2)
     tl.store(counts_ptr + re, tl.zeros((E_P2,), dtype=tl.int32), mask=re < E)
     tl.debug_barrier()
-    _rank_slots(ids_ptr, counts_ptr, rank_ptr, MK, 0, CH)
+    _rank_slots(ids_ptr, counts_ptr, rank_ptr, MK, E, 0, CH)
     tl.debug_barrier()
     _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB, BM, E_P2, NBT, FT)
     tl.debug_barrier()
-    _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, 0, CH)
+    _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, E, 0, CH)
 
 
 @triton.jit
-def moe_rank_kernel(ids_ptr, counts_ptr, rank_ptr, MK, CH: tl.constexpr):
-    _rank_slots(ids_ptr, counts_ptr, rank_ptr, MK, tl.program_id(0) * CH, CH)
+def moe_rank_kernel(ids_ptr, counts_ptr, rank_ptr, MK, E, CH: tl.constexpr):
+    _rank_slots(ids_ptr, counts_ptr, rank_ptr, MK, E, tl.program_id(0) * CH, CH)
 
 
 @triton.jit
@@ -463,5 +468,5 @@ def moe_starts_kernel(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, N
 
 
 @triton.jit
-def moe_place_kernel(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, CH: tl.constexpr):
-    _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, tl.program_id(0) * CH, CH)
+def moe_place_kernel(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, E, CH: tl.constexpr):
+    _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, E, tl.program_id(0) * CH, CH)

@@ -14,7 +14,6 @@ capturable.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import _moe_kernels as K
+from . import interpreted
 from .layout import E2M1_WORD_BITS, INT4_WORD_BITS, from_kernel_layout, round_up, to_kernel_layout
 
 FORMAT_CODES = {"mxfp4": K.FMT_MXFP4, "nvfp4": K.FMT_NVFP4, "int4": K.FMT_INT4}
@@ -34,11 +34,6 @@ at or below it (|scale| <= 2) run the decode with one multiply per pair instead 
 SMALL_GROUPING_MAX = 256
 """Up to this many (token, expert) slots, grouping runs as one Triton program (one launch,
 for decode); above it, as three small kernels (rank, expert starts, placement)."""
-
-
-def interpreted() -> bool:
-    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)
@@ -54,7 +49,7 @@ class KernelConfig:
     block_m: int = 16
     block_n1: int = 64
     block_n2: int = 64
-    swap: bool = True
+    swap: bool = False
     num_warps: int = 4
     num_stages: int = 3
     k_unroll: int = 4
@@ -69,6 +64,24 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.k_unroll: expected 1, 2, 4 or 8, got {self.k_unroll}")
         if self.split_k not in (1, 2):
             raise ValueError(f"KernelConfig.split_k: expected 1 or 2, got {self.split_k}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"KernelConfig.num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if not 1 <= self.num_stages <= 8:
+            raise ValueError(f"KernelConfig.num_stages: expected 1..8, got {self.num_stages}")
+
+    def problem_with(self, fmt: str, hidden_padded: int, intermediate_padded: int) -> str | None:
+        """Why this configuration cannot run weights of `fmt` padded to (Hp, Ip), or None.
+
+        GEMM1 runs Ip / block_n1 column tiles and GEMM2 Hp / block_n2: a block that does not
+        divide the padded size would leave output columns unwritten."""
+        if fmt != "int4" and self.swap:
+            return (f"swap=True is not available for {fmt}: its decode reads whole 4-byte words per "
+                    f"thread, which wgmma register operands do not keep together (kernels/layout.py)")
+        if intermediate_padded % self.block_n1:
+            return f"block_n1={self.block_n1} does not divide the padded intermediate size {intermediate_padded}"
+        if hidden_padded % self.block_n2:
+            return f"block_n2={self.block_n2} does not divide the padded hidden size {hidden_padded}"
+        return None
 
 
 @dataclass(eq=False)
@@ -180,7 +193,8 @@ def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
 def group_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Grouping:
     """Sort (token, expert) slots by expert, each expert padded to a multiple of block_m rows.
 
-    topk_ids: [M, k] int32, values in [-1, E) (-1: no expert, the slot is dropped).
+    topk_ids: [M, k] int32; -1 (no expert) and ids outside [0, E) are dropped (never read
+    or written out of bounds).
     One Triton program for up to SMALL_GROUPING_MAX slots, else three small kernels.
     """
     MK = topk_ids.numel()
@@ -203,10 +217,10 @@ def group_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Grou
     starts = torch.empty(E, dtype=torch.int32, device=dev)
     rank = torch.empty(MK, dtype=torch.int32, device=dev)
     ch = 1024
-    K.moe_rank_kernel[(triton.cdiv(MK, ch),)](ids, counts, rank, MK, CH=ch, num_warps=4)
+    K.moe_rank_kernel[(triton.cdiv(MK, ch),)](ids, counts, rank, MK, E, CH=ch, num_warps=4)
     K.moe_starts_kernel[(1,)](counts, starts, block_expert, sorted_slots, E, NB,
                               BM=block_m, E_P2=e_p2, NBT=nbt, FT=4096, num_warps=8)
-    K.moe_place_kernel[(triton.cdiv(MK, ch),)](ids, rank, starts, sorted_slots, MK, CH=ch, num_warps=4)
+    K.moe_place_kernel[(triton.cdiv(MK, ch),)](ids, rank, starts, sorted_slots, MK, E, CH=ch, num_warps=4)
     return Grouping(sorted_slots, block_expert, block_m)
 
 
@@ -216,7 +230,8 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
               stats: dict | None = None) -> torch.Tensor:
     """The MoE experts on the Triton kernels.
 
-    x: [M, H] bf16 / fp16 / fp32 (contiguous rows); topk_ids: [M, k] int32 in [-1, E);
+    x: [M, H] bf16 / fp16 / fp32 (contiguous rows); topk_ids: [M, k] int32 in [-1, E) (a
+    token with any other id gets a NaN row: nothing is read or written out of bounds);
     topk_weights: [M, k] fp32; weights: MoEKernelWeights; alpha, beta, limit: SwiGLU
     (limit None = no clamp); out: [M, H] written in place (every element); shared_output:
     [M, H] or None, added in the combine; stats: a dict to receive the compiled GEMM kernels'
@@ -231,10 +246,9 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     interp = interpreted()
     cdt = tl.float32 if interp else tl.bfloat16
     BM = cfg.block_m
-    if weights.fmt != "int4" and cfg.swap:
-        raise ValueError(f"{cfg}: swap=True is not available for {weights.fmt}: its decode reads whole "
-                         "4-byte words per thread, which wgmma register operands do not keep together "
-                         "(see kernels/layout.py, E2M1_WORD_BITS)")
+    bad = cfg.problem_with(weights.fmt, Hp, Ip)
+    if bad is not None:
+        raise ValueError(f"cfg: {cfg} cannot run here: {bad}")
     has_bias1, has_bias2 = weights.b13 is not None, weights.b2 is not None
     dummy = weights.w13  # for absent optional pointers (never read)
     grp = group_tokens(topk_ids, E, BM)
@@ -262,7 +276,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         BM=BM, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold2,
         SPLIT=S, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _record(stats, (("gemm1", k1, NB * n1), ("gemm2", k2, NB * n2 * S)))
-    return _combine(y, topk_ids, out, shared_output)
+    return _combine(y, topk_ids, E, out, shared_output)
 
 
 def _record(stats, launches):
@@ -274,13 +288,14 @@ def _record(stats, launches):
                        "shared": getattr(getattr(kern, "metadata", None), "shared", None), "grid": grid}
 
 
-def _combine(y, topk_ids, out, shared_output):
-    """y: [S, M * k, H] fp32 (S split-K partial sums) -> out (+ shared_output)."""
+def _combine(y, topk_ids, E, out, shared_output):
+    """y: [S, M * k, H] fp32 (S split-K partial sums) -> out (+ shared_output); rows of tokens
+    with an id outside [-1, E) become NaN."""
     M, H = out.shape
     k = topk_ids.shape[1]
     BH = min(1024, triton.next_power_of_2(H))
     K.moe_combine_kernel[(M, triton.cdiv(H, BH))](
-        y, topk_ids, shared_output if shared_output is not None else out, out, H, k, y.stride(0),
+        y, topk_ids, shared_output if shared_output is not None else out, out, H, k, E, y.stride(0),
         HAS_SHARED=shared_output is not None, K_P2=max(2, triton.next_power_of_2(k)), BH=BH,
         SPLIT=y.shape[0], num_warps=4)
     return out

@@ -50,22 +50,28 @@ def _interleave(rows: torch.Tensor) -> torch.Tensor:
 
 
 class _Reader:
-    """Reads named tensors from one .safetensors file or a folder (with or without an index)."""
+    """Reads named tensors from one .safetensors file or a folder (with or without an index).
+
+    Every failure is a ValueError naming the file: a truncated or garbage file, a broken index,
+    an index naming a file that is not there."""
 
     def __init__(self, path: str):
         from safetensors import safe_open
 
-        self._open = lambda f: safe_open(f, framework="pt")
+        self._safe_open = safe_open
         if os.path.isfile(path):
             files = [path]
             self.where = None
         elif os.path.isdir(path):
             idx = os.path.join(path, _INDEX)
             if os.path.exists(idx):
-                with open(idx) as f:
-                    wm = json.load(f).get("weight_map", {})
+                wm = _read_index(idx)
                 self.where = {k: os.path.join(path, v) for k, v in wm.items()}
                 files = sorted(set(self.where.values()))
+                for fn in files:
+                    if not os.path.isfile(fn):
+                        raise ValueError(f"checkpoint: index {idx} names {os.path.basename(fn)}, which is not in "
+                                         f"{path}")
             else:
                 files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
                 self.where = None
@@ -80,11 +86,22 @@ class _Reader:
                     for k in f.keys():
                         self.where[k] = fn
 
+    def _open(self, fn: str):
+        try:
+            return self._safe_open(fn, framework="pt")
+        except Exception as e:  # safetensors raises its own error type for truncated or garbage files
+            raise ValueError(f"checkpoint: {fn} is not a readable safetensors file ({type(e).__name__}: "
+                             f"{e})") from None
+
     def get(self, name: str, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
         if name not in self.where:
             raise ValueError(f"checkpoint: tensor {name} is missing (expected {dtype} of shape {list(shape)})")
         with self._open(self.where[name]) as f:
-            t = f.get_tensor(name)
+            try:
+                t = f.get_tensor(name)
+            except Exception as e:  # data past the end of a truncated file, say
+                raise ValueError(f"checkpoint: tensor {name} in {self.where[name]} cannot be read "
+                                 f"({type(e).__name__}: {e})") from None
         if t.dtype != dtype or tuple(t.shape) != tuple(shape):
             raise ValueError(f"checkpoint: tensor {name}: expected {dtype} of shape {list(shape)}, "
                              f"got {t.dtype} of shape {list(t.shape)}")
@@ -97,6 +114,18 @@ class _Reader:
             return tuple(f.get_slice(name).get_shape())
 
 
+def _read_index(idx: str) -> dict:
+    """The weight_map of a model.safetensors.index.json (ValueError naming the file otherwise)."""
+    try:
+        with open(idx, encoding="utf-8") as f:
+            wm = json.load(f).get("weight_map")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"checkpoint: index {idx} is not a JSON object with a weight_map ({e})") from None
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise ValueError(f"checkpoint: index {idx}: weight_map must map tensor names to file names")
+    return wm
+
+
 def load_gpt_oss(path: str, layer: int) -> GptOssLayer:
     """Read one layer's experts and router from a GPT-OSS safetensors checkpoint.
 
@@ -106,6 +135,8 @@ def load_gpt_oss(path: str, layer: int) -> GptOssLayer:
     """
     from . import ExpertWeights
 
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+        raise ValueError(f"layer: expected a layer index (an int >= 0), got {layer!r}")
     r = _Reader(os.fspath(path))
     p = _P.format(layer=layer)
     expected = "uint8 of shape [E, 2I, H/32, 16] with I a multiple of 32"
@@ -145,7 +176,16 @@ def save_gpt_oss(path: str, layers) -> None:
 
     path = os.fspath(path)
     per_layer = {}
-    for i, (weights, rw, rb) in dict(layers).items():
+    if not isinstance(layers, dict):
+        raise ValueError(f"layers: expected {{layer index: (weights, router_weight, router_bias)}}, "
+                         f"got {type(layers).__name__}")
+    for i, item in layers.items():
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise ValueError(f"layers: keys must be layer indices (ints >= 0), got {i!r}")
+        if not isinstance(item, (tuple, list)) or len(item) != 3:
+            raise ValueError(f"layers[{i}]: expected (weights, router_weight, router_bias), got "
+                             f"{type(item).__name__}" + (f" of {len(item)}" if isinstance(item, (tuple, list)) else ""))
+        weights, rw, rb = item
         if not isinstance(weights, ExpertWeights) or weights.format != "mxfp4":
             got = weights.format if isinstance(weights, ExpertWeights) else type(weights).__name__
             raise ValueError(f"layers[{i}]: GPT-OSS checkpoints hold mxfp4 ExpertWeights, got {got}")

@@ -1,0 +1,111 @@
+"""The `triton` backend: qmoe's own Triton kernels (qmoe.kernels.moe) for W4A16 MoE.
+
+Formats: mxfp4, nvfp4, int4 (group 32). Runs on CUDA GPUs of compute capability 8.0 and up,
+and on the CPU through Triton's interpreter (TRITON_INTERPRET=1; slow, for tests on tiny
+shapes). Prepared layout: qmoe.kernels.layout (split-nibble K chunks, N and K padded to 128,
+the codes' bits arranged per 4-byte word for the decode), made by MoEKernelWeights.from_canonical.
+
+Launch configurations: per M bucket from the measured tables (configs.py), else defaults;
+`runner(prepared, m)` binds the configuration once per token count, so a call costs no lookup.
+Ids outside [-1, E) are dropped by the grouping and poison their token's output row with NaN
+inside the combine kernel: no host sync, no out-of-bounds access (`poisons_bad_ids`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...spec import MoESpec
+from ...weights import ExpertWeights
+from ..base import Backend, Prepared, Support, cuda_capability
+from . import configs as _configs
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    formats = ("mxfp4", "nvfp4", "int4")
+    capturable = True
+    tunable = True
+    first_use = "Triton compiles each launch configuration on its first call (seconds; cached on disk)"
+    poisons_bad_ids = True
+
+    def format_hint(self, fmt):
+        return " (use the reference backend)" if fmt == "bf16" else ""
+
+    def _supports(self, spec, fmt, device) -> Support:
+        try:
+            import triton  # noqa: F401
+        except Exception as e:  # an import error is a reason, never a crash
+            return Support(False, f"triton is not importable: {e}")
+        if device.type == "cuda":
+            cap = cuda_capability(device)
+            if cap is None:
+                return Support(False, "no CUDA GPU is visible")
+            if cap < (8, 0):
+                return Support(False, f"needs a GPU of compute capability 8.0 or newer (bf16 MMA); "
+                                      f"this one is {cap[0]}.{cap[1]}")
+            return Support(True, f"Triton kernels on SM{cap[0]}{cap[1]}")
+        if device.type == "cpu":
+            from ...kernels import interpreted
+
+            if interpreted():
+                return Support(True, "Triton interpreter on the CPU (TRITON_INTERPRET=1; slow, tiny shapes)")
+            return Support(False, "needs a CUDA GPU; on the CPU only through Triton's interpreter "
+                                  "(set TRITON_INTERPRET=1 before starting Python)")
+        return Support(False, f"device type {device.type} is not supported")
+
+    def _prepare(self, spec: MoESpec, weights: ExpertWeights) -> Prepared:
+        from ...kernels.moe import MoEKernelWeights
+
+        kw = MoEKernelWeights.from_canonical(
+            weights.format, weights.w13.data, weights.w13.scales, weights.w2.data, weights.w2.scales,
+            weights.w13.global_scale, weights.w2.global_scale, weights.b13, weights.b2)
+        gpu = torch.cuda.get_device_name(weights.device) if weights.device.type == "cuda" else "cpu"
+        configs, notes = _configs.load_configs(gpu, weights.format, spec, _configs.USER_TABLE.path())
+        tensors = {n: getattr(kw, n) for n in ("w13", "s13", "w2", "s2", "gs13", "gs2", "b13", "b2")
+                   if getattr(kw, n) is not None}
+        return Prepared(self.name, spec, weights.format, weights.device, tensors,
+                        meta={"kernel_weights": kw, "gpu": gpu, "configs": configs, "config_notes": notes,
+                              "runners": {}})
+
+    def config_for(self, prepared: Prepared, m: int):
+        """The launch configuration used for m tokens (the table's, by the one bucket rule, else
+        the default)."""
+        return _configs.config_for(prepared.meta["configs"], m, prepared.spec, prepared.format)
+
+    def runner(self, prepared: Prepared, m: int):
+        """forward for m tokens with its launch configuration bound (resolved once per m)."""
+        run = prepared.meta["runners"].get(m)
+        if run is None:
+            cfg = self.config_for(prepared, m)
+            kw, act = prepared.meta["kernel_weights"], prepared.spec.activation
+
+            def run(x, topk_ids, topk_weights, out, shared_output=None):
+                from ...kernels.moe import fused_moe
+
+                return fused_moe(x, topk_ids, topk_weights, kw, act.alpha, act.beta, act.limit, cfg, out,
+                                 shared_output)
+
+            prepared.meta["runners"][m] = run
+        return run
+
+    def forward(self, prepared, x, topk_ids, topk_weights, out, shared_output=None, config=None):
+        """As Backend.forward; config: a KernelConfig to run instead of the table's (tuning, tests)."""
+        if x.shape[0] == 0:
+            return out
+        if config is None:
+            return self.runner(prepared, x.shape[0])(x, topk_ids, topk_weights, out, shared_output)
+        from ...kernels.moe import fused_moe
+
+        act = prepared.spec.activation
+        return fused_moe(x, topk_ids, topk_weights, prepared.meta["kernel_weights"], act.alpha, act.beta,
+                         act.limit, config, out, shared_output)
+
+    def tune(self, spec: MoESpec, fmt: str, ms, device, **kwargs) -> dict:
+        """Time candidate launch configurations per M on this GPU and keep the fastest (see tune.py)."""
+        from .tune import tune
+
+        return tune(self, spec, fmt, ms, device, **kwargs)
+
+
+BACKEND = TritonBackend()

@@ -1,0 +1,189 @@
+"""Launch configurations of the triton backend: the measured table, its rule, and the defaults.
+
+Configurations come from a table keyed by GPU, format, shape (E, H, I, top_k) and the Triton
+and qmoe versions that measured them (a new Triton or new kernels can change what is fastest),
+holding one KernelConfig per M bucket. Two files, the user's over the shipped one per bucket:
+
+- `configs.json` beside this module: shipped, filled by `qmoe tune --kernels` on the GPUs qmoe
+  is developed on;
+- the user's: $QMOE_TRITON_CONFIGS, else $XDG_CACHE_HOME/qmoe/triton_configs.json, else
+  ~/.cache/qmoe/triton_configs.json (written by `qmoe tune --kernels`).
+
+Both go through the one table store (qmoe.tuning.store: damaged files and entries are ignored
+with a warning naming them, writes are locked and atomic) and the one bucket rule
+(qmoe.tuning.buckets.nearest_bucket). Every configuration is checked against the padded shape
+where it is loaded (an entry with an unusable one is skipped with a warning naming the file and
+the entry) and again where it is launched (kernels.moe.fused_moe). `default_config` covers
+anything no table holds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import asdict, fields
+
+from ...kernels.layout import PAD, round_up
+from ...tuning import library_versions
+from ...tuning.buckets import nearest_bucket
+from ...tuning.store import TableStore, entry_key, stale
+
+ENV_VAR = "QMOE_TRITON_CONFIGS"
+SHIPPED = os.path.join(os.path.dirname(__file__), "configs.json")
+
+
+def kernel_config(d):
+    """A KernelConfig from its JSON dict (ValueError / TypeError for a malformed one)."""
+    from ...kernels.moe import KernelConfig
+
+    if not isinstance(d, dict):
+        raise TypeError(f"a config must be a JSON object, got {type(d).__name__}")
+    names = {f.name for f in fields(KernelConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown}")
+    for k, v in d.items():
+        want = bool if k == "swap" else int
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise TypeError(f"config field {k!r} must be {want.__name__}, got {v!r}")
+    return KernelConfig(**d)
+
+
+def padded_sizes(shape: dict) -> tuple[int, int]:
+    """(Hp, Ip): the hidden and intermediate sizes the kernel layout pads to."""
+    return round_up(int(shape["hidden_size"]), PAD), round_up(int(shape["intermediate_size"]), PAD)
+
+
+def validate_entry(entry) -> str | None:
+    """None if a config-table entry is usable, else why not (every config is checked against
+    the entry's padded shape)."""
+    if not isinstance(entry, dict):
+        return f"expected a JSON object, got {type(entry).__name__}"
+    for name in ("buckets", "shape", "versions"):
+        if not isinstance(entry.get(name), dict):
+            return f"'{name}' is not a JSON object"
+    Hp, Ip = padded_sizes(entry["shape"])
+    fmt = entry.get("format")
+    for b, d in entry["buckets"].items():
+        if not b.isdigit() or int(b) < 1:
+            return f"bucket {b!r} is not a positive token count"
+        why = kernel_config(d).problem_with(fmt, Hp, Ip)
+        if why is not None:
+            return f"bucket {b}: {why}"
+    return None
+
+
+USER_TABLE = TableStore("qmoe-triton-configs", "triton_configs.json", ENV_VAR, validate_entry)
+"""The user's launch-config table (qmoe tune --kernels writes it)."""
+
+
+def versions() -> dict:
+    """The library versions a launch-config entry is keyed by."""
+    v = library_versions()
+    return {"triton": v["triton"], "qmoe": v["qmoe"]}
+
+
+def problem(gpu: str, fmt: str, spec) -> str:
+    return (f"{gpu}|{fmt}|E{spec.num_experts} H{spec.hidden_size} I{spec.intermediate_size} "
+            f"k{spec.top_k}")
+
+
+def load_configs(gpu: str, fmt: str, spec, user_path=None, shipped_path=SHIPPED):
+    """({bucket: KernelConfig}, notes) for this GPU, format and shape under the installed
+    Triton and qmoe: the shipped table's entry, then the user's on top (per bucket).
+
+    notes: lines saying where the configs came from, or why a stale entry was ignored.
+    Never raises: damaged tables and entries are skipped with a warning naming them.
+    """
+    prob, vers = problem(gpu, fmt, spec), versions()
+    key = entry_key(prob, vers)
+    configs, notes = {}, []
+    for label, path in (("shipped", shipped_path), ("user", user_path)):
+        entries = USER_TABLE.read(path)["entries"]
+        if key in entries:
+            configs.update({int(b): kernel_config(d) for b, d in entries[key]["buckets"].items()})
+            notes.append(f"{label} launch configs for buckets {sorted(int(b) for b in entries[key]['buckets'])} "
+                         f"({USER_TABLE.path(path)})")
+        for _, diff in stale(prob, vers, entries):
+            notes.append(f"{label} launch configs in {USER_TABLE.path(path)} were measured with {diff}: ignored "
+                         f"(run `qmoe tune --kernels`)")
+    return configs, notes
+
+
+def config_for(configs: dict, m: int, spec, fmt: str):
+    """The launch configuration for m tokens: the table's config of m's bucket (the one rule),
+    else `default_config`."""
+    if configs:
+        return configs[nearest_bucket(m, configs)]
+    return default_config(m, spec.top_k, spec.num_experts, fmt)
+
+
+def write_configs(gpu: str, fmt: str, spec, buckets: dict, path=None):
+    """Merge {bucket: KernelConfig} for (gpu, fmt, shape) under the installed versions into the
+    user's table (locked, atomic). Returns the path."""
+    key = entry_key(problem(gpu, fmt, spec), versions())
+    new = {str(int(b)): asdict(c) for b, c in buckets.items()}
+
+    def change(entries):
+        old = entries.get(key, {}).get("buckets", {})
+        entries[key] = {
+            "gpu": gpu, "format": fmt, "versions": versions(),
+            "shape": {"num_experts": spec.num_experts, "hidden_size": spec.hidden_size,
+                      "intermediate_size": spec.intermediate_size, "top_k": spec.top_k},
+            "measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "buckets": {**old, **new}}
+
+    return USER_TABLE.update(change, path)
+
+
+def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4"):
+    """Launch configuration when no table entry exists (measured on an H100 at gpt-oss-120b
+    shapes, docs/performance.md): 16-row blocks while experts see up to ~12 tokens (narrow
+    32-column tiles when almost every expert sees at most one token, so more programs stream
+    the few active experts), 32-row blocks up to ~48 tokens per expert, then 128-row blocks
+    (int4 from 32 rows up with the weight as the MMA's first operand; the E2M1 formats cannot:
+    see kernels/moe.py)."""
+    from ...kernels.moe import KernelConfig
+
+    swap = fmt == "int4"
+    per_expert = m * top_k / num_experts
+    if per_expert <= 0.1:
+        return KernelConfig(block_m=16, block_n1=32, block_n2=32, swap=False, num_warps=4, num_stages=3, k_unroll=4)
+    if per_expert <= 12:
+        return KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=4)
+    if per_expert <= 48:
+        return KernelConfig(block_m=32, block_n1=64, block_n2=64, swap=swap, num_warps=4, num_stages=3, k_unroll=2)
+    if swap:
+        return KernelConfig(block_m=128, block_n1=64, block_n2=64, swap=True, num_warps=4, num_stages=3, k_unroll=2)
+    return KernelConfig(block_m=128, block_n1=128, block_n2=128, swap=False, num_warps=8, num_stages=3, k_unroll=2)
+
+
+def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4"):
+    """Launch configurations worth timing at m tokens (about a dozen), from what won where on
+    an H100 (docs/performance.md)."""
+    from ...kernels.moe import KernelConfig as C
+
+    per_expert = m * top_k / num_experts
+    out = [default_config(m, top_k, num_experts, fmt)]
+    if per_expert <= 12:
+        out += [C(16, n1, n2, False, 4, st, u) for n1, n2 in ((32, 32), (32, 64), (64, 64))
+                for u in (2, 4) for st in (2, 3)]
+        out += [C(16, 128, 128, False, 8, 3, 2), C(16, 64, 128, False, 4, 3, 4)]
+    if per_expert <= 0.5:  # few active experts: GEMM2 as two half-K programs per tile
+        out += [C(16, n1, n2, False, 4, 3, u, split_k=2) for n1, n2 in ((32, 32), (32, 64), (64, 64))
+                for u in (2, 4)]
+    if 2 <= per_expert <= 64:
+        out += [C(32, 64, 64, sw, 4, 3, u) for sw in (False, True) for u in (2, 4)]
+        out += [C(64, 64, 64, True, 4, 3, 2)]
+    if per_expert >= 16:
+        out += [C(64, 128, 128, True, 8, 3, 2), C(128, 64, 64, True, 4, 3, 2), C(128, 64, 64, True, 4, 2, 2),
+                C(128, 64, 128, True, 4, 3, 2), C(128, 128, 128, True, 8, 3, 1), C(128, 128, 128, True, 8, 3, 2),
+                C(128, 128, 128, False, 8, 3, 2), C(64, 128, 128, False, 8, 3, 2), C(128, 64, 64, False, 4, 3, 2),
+                C(128, 128, 64, False, 8, 3, 2)]
+    if fmt != "int4":  # the E2M1 decode has no wgmma-operand (swap) variant
+        out = [c for c in out if not c.swap]
+    return list(dict.fromkeys(out))
+
+
+__all__ = ["ENV_VAR", "SHIPPED", "USER_TABLE", "candidates", "config_for", "default_config", "kernel_config",
+           "load_configs", "padded_sizes", "validate_entry", "versions", "write_configs"]
