@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 import qmoe
 from qmoe import ExpertWeights, load_gpt_oss, save_gpt_oss
 from qmoe.backends.reference import reference_moe
-from qmoe.weights.gpt_oss import _deinterleave, _interleave
+from qmoe.weights import deinterleave_gate_up as _deinterleave, interleave_gate_up as _interleave
 
 E, I, H = 2, 64, 96  # H/32 = 3 blocks per row, I/32 = 2
 P = "model.layers.{}.mlp."

@@ -117,6 +117,8 @@ class ExpertWeights:
 
 
 from .gpt_oss import load_gpt_oss, save_gpt_oss  # noqa: E402  (importers need ExpertWeights)
+from .layout import deinterleave_gate_up, interleave_gate_up  # noqa: E402
 from .synthetic import random_weights  # noqa: E402
 
-__all__ = ["ExpertWeights", "load_gpt_oss", "random_weights", "save_gpt_oss"]
+__all__ = ["ExpertWeights", "deinterleave_gate_up", "interleave_gate_up", "load_gpt_oss", "random_weights",
+           "save_gpt_oss"]

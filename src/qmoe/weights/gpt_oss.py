@@ -9,7 +9,8 @@ Checkpoint layout of layer i (prefix model.layers.{i}.mlp.):
   experts.down_proj_bias       bf16  [E, H]
   router.weight                bf16  [E, H];  router.bias  bf16 [E]
 Gate and up are INTERLEAVED along the 2I rows (even rows gate, odd rows up); the
-canonical w13 has them stacked [gate; up]. `_deinterleave` / `_interleave` are inverses.
+canonical w13 has them stacked [gate; up] (qmoe.weights.deinterleave_gate_up / interleave_gate_up,
+inverses).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from ..formats import QuantizedTensor
+from .layout import deinterleave_gate_up, interleave_gate_up
 
 if TYPE_CHECKING:  # a runtime import would be circular: weights/__init__ imports this module
     from . import ExpertWeights
@@ -35,18 +37,6 @@ class GptOssLayer(NamedTuple):
     weights: "ExpertWeights"
     router_weight: torch.Tensor
     router_bias: torch.Tensor
-
-
-def _deinterleave(rows: torch.Tensor) -> torch.Tensor:
-    """[E, 2I, ...] rows gate0, up0, gate1, up1, ... -> [E, 2I, ...] rows [gate; up]."""
-    return torch.cat((rows[:, 0::2], rows[:, 1::2]), dim=1)
-
-
-def _interleave(rows: torch.Tensor) -> torch.Tensor:
-    """Inverse of `_deinterleave`: [E, 2I, ...] [gate; up] -> gate0, up0, gate1, up1, ..."""
-    E, two_i = rows.shape[:2]
-    i = two_i // 2
-    return torch.stack((rows[:, :i], rows[:, i:]), dim=2).reshape(E, two_i, *rows.shape[2:])
 
 
 class _Reader:
@@ -155,10 +145,10 @@ def load_gpt_oss(path: str, layer: int) -> GptOssLayer:
     rw = r.get(p + "router.weight", torch.bfloat16, (E, H))
     rb = r.get(p + "router.bias", torch.bfloat16, (E,))
     weights = ExpertWeights(
-        QuantizedTensor("mxfp4", (E, two_i, H), _deinterleave(w13).reshape(E, two_i, H // 2).contiguous(),
-                        _deinterleave(s13).contiguous()),
+        QuantizedTensor("mxfp4", (E, two_i, H), deinterleave_gate_up(w13).reshape(E, two_i, H // 2).contiguous(),
+                        deinterleave_gate_up(s13).contiguous()),
         QuantizedTensor("mxfp4", (E, H, I), w2.reshape(E, H, I // 2).contiguous(), s2.contiguous()),
-        _deinterleave(b13).float().contiguous(), b2.float().contiguous())
+        deinterleave_gate_up(b13).float().contiguous(), b2.float().contiguous())
     return GptOssLayer(weights, rw, rb)
 
 
@@ -199,9 +189,9 @@ def save_gpt_oss(path: str, layers) -> None:
         b13 = weights.b13 if weights.b13 is not None else torch.zeros(E, two_i)
         b2 = weights.b2 if weights.b2 is not None else torch.zeros(E, H)
         per_layer[i] = {
-            p + "experts.gate_up_proj_blocks": _interleave(weights.w13.data.cpu()).reshape(E, two_i, H // 32, 16),
-            p + "experts.gate_up_proj_scales": _interleave(weights.w13.scales.cpu()),
-            p + "experts.gate_up_proj_bias": _interleave(b13.cpu()).to(torch.bfloat16),
+            p + "experts.gate_up_proj_blocks": interleave_gate_up(weights.w13.data.cpu()).reshape(E, two_i, H // 32, 16),
+            p + "experts.gate_up_proj_scales": interleave_gate_up(weights.w13.scales.cpu()),
+            p + "experts.gate_up_proj_bias": interleave_gate_up(b13.cpu()).to(torch.bfloat16),
             p + "experts.down_proj_blocks": weights.w2.data.cpu().reshape(E, H, I // 32, 16),
             p + "experts.down_proj_scales": weights.w2.scales.cpu(),
             p + "experts.down_proj_bias": b2.cpu().to(torch.bfloat16),

@@ -1,0 +1,6 @@
+class NVRTCCompiler:
+    pass
+
+
+class NVCCCompiler:
+    pass

@@ -1,0 +1,11 @@
+"""Fake triton_kernels.matmul_details.opt_flags (3.8+: moved from matmul_ogs_details)."""
+
+_opt_flags_constraints: dict = {}
+
+
+def update_opt_flags_constraints(constraints: dict):
+    _opt_flags_constraints.update(constraints)
+
+
+def reset_opt_flags_constraints():
+    _opt_flags_constraints.clear()

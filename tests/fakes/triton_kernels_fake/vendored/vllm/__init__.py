@@ -1,0 +1,1 @@
+"""Fake `vllm` (only what qmoe's triton_kernels backend looks for: third_party.triton_kernels)."""
