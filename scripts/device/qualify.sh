@@ -1,42 +1,70 @@
 #!/bin/bash
-# Qualify qmoe on a lent GPU machine, one step per call (each call may run 10 minutes):
+# qmoe on a lent GPU machine: the steps of one session, each printing a short summary last.
 #
-#   bash scripts/device/qualify.sh tests   # FlashInfer from .fi_build (if carried), GPU-marked tests
-#   bash scripts/device/qualify.sh tune    # qmoe tune --kernels: triton launch configs + backend table
-#   bash scripts/device/qualify.sh bench   # qmoe bench: triton beside flashinfer_cutlass, same inputs
-#   bash scripts/device/qualify.sh check   # qmoe check of triton and flashinfer_cutlass
+#   bash scripts/device/qualify.sh tests    # GPU-marked tests (triton, the peers, routing)
+#   bash scripts/device/qualify.sh probe    # launch-config probe: batch invariance, decode variants
+#   bash scripts/device/qualify.sh bench    # qmoe bench: every backend, three presets, same inputs
+#   bash scripts/device/qualify.sh tune     # qmoe tune --kernels, then the backend table
+#   bash scripts/device/qualify.sh check    # qmoe check of every usable backend
+#   bash scripts/device/qualify.sh a b ...  # several steps in one call
 #
-# Carry `.whl` (FlashInfer wheels) and `.fi_build` (its packed SM90 module: docs/flashinfer.md) to
-# include FlashInfer; without them only qmoe's own backends run. Results go to $OUT. Run the steps
-# back to back on the same (warm) machine: `tune` writes ~/.cache/qmoe/triton_configs.json, which
-# `bench` and `check` then use.
+# The peers come from the git-ignored .peers/ folder (carry it): triton_kernels (vLLM's vendored
+# copy as a top-level package), vllm/_moe_C*.so (Marlin's op library) and wheels/humming*.whl
+# (installed to /tmp/site here). FlashInfer joins when .whl/ and .fi_build/ are carried
+# (scripts/device/flashinfer_build.py). Results go to $OUT (at most 8 files come back: one log per
+# step, and the JSON results); the tables `tune` writes live in $XDG_CACHE_HOME (default
+# /tmp/qmoe_cache) for the later steps of the machine's life and are copied to $OUT at the end.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-PRESET=${PRESET:-gpt-oss-120b}
-BACKENDS="--backend triton"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/qmoe_cache}; mkdir -p "$XDG_CACHE_HOME"
+PRESETS=${PRESETS:-gpt-oss-120b,kimi-k2.5,qwen3-30b-a3b}
+TOKENS=${TOKENS:-1,4,16,64,256,1024,4096,8192}
+SITE=/tmp/site
+if [ -d .peers/wheels ] && [ ! -d $SITE/humming ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE .peers/wheels/*.whl 2>&1 | tail -1
+  chmod +x $SITE/humming/_native/*/* 2>/dev/null
+fi
+export PYTHONPATH=src:.peers:$SITE
+BACKENDS="triton,triton_kernels,marlin,humming"
 if [ -d .whl ] && [ -f .fi_build/fi_sm90_build.json ]; then
   if [ ! -d /tmp/qmoe_fi_check/site/flashinfer ]; then
     python3 scripts/device/flashinfer_build.py install --wheels .whl 2>&1 | tail -1
     python3 scripts/device/flashinfer_build.py unpack --src .fi_build 2>&1 | tail -1
   fi
-  export PYTHONPATH=src:/tmp/qmoe_fi_check/site FLASHINFER_DISABLE_JIT=1
-  BACKENDS="--backend triton --backend flashinfer_cutlass"
+  export PYTHONPATH=$PYTHONPATH:/tmp/qmoe_fi_check/site FLASHINFER_DISABLE_JIT=1
+  BACKENDS="$BACKENDS,flashinfer_cutlass"
 fi
-case "${1:-}" in
-  tests)
-    nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
-    timeout 540 python3 -m pytest -q tests -m gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -5 ;;
-  tune)
-    timeout 540 python3 -m qmoe tune --preset "$PRESET" $BACKENDS --kernels --tuning-file "$OUT/tuning.json" \
-      > "$OUT/tune.log" 2>&1; echo "tune rc=$?"; tail -14 "$OUT/tune.log"
-    cp ~/.cache/qmoe/triton_configs.json "$OUT/" 2>/dev/null; rm -f "$OUT"/*.lock ;;
-  bench)
-    timeout 540 python3 -m qmoe bench --preset "$PRESET" $BACKENDS --backend reference --reference-max-tokens 1 \
-      --json "$OUT/bench.json" --plot "$OUT/bench.png" > "$OUT/bench.log" 2>&1; echo "bench rc=$?"
-    tail -13 "$OUT/bench.log" ;;
-  check)
-    timeout 540 python3 -m qmoe check --preset "$PRESET" $BACKENDS --time --json "$OUT/check.json" \
-      > "$OUT/check.log" 2>&1; echo "check rc=$?"; grep -E "^(FAIL|CRASH|TIMEOUT)" "$OUT/check.log" | head; tail -9 "$OUT/check.log" ;;
-  *) echo "usage: qualify.sh tests|tune|bench|check" >&2; exit 2 ;;
-esac
+
+step() {
+  case "$1" in
+    tests)
+      nvidia-smi --query-gpu=name,clocks.max.sm,memory.used --format=csv,noheader
+      python3 -m qmoe env > "$OUT/gpu_tests.log" 2>&1; grep -E "^(triton|humming|vllm|triton_kernels|torch) " "$OUT/gpu_tests.log"
+      timeout ${T_TESTS:-300} python3 -m pytest -q -m gpu --timeout 240 -p no:cacheprovider -rfEs \
+        tests/kernels tests/routing tests/backends >> "$OUT/gpu_tests.log" 2>&1
+      echo "gpu tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -8 ;;
+    probe)
+      timeout ${T_PROBE:-240} python3 scripts/device/probe.py --presets "$PRESETS" > "$OUT/probe.log" 2>&1
+      echo "probe rc=$?"; tail -45 "$OUT/probe.log" ;;
+    bench)
+      timeout ${T_BENCH:-300} python3 -m qmoe bench --preset "$PRESETS" --backend "$BACKENDS" --tokens "$TOKENS" \
+        --reps ${REPS:-20} --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+      echo "bench rc=$?"; grep -v "^qmoe bench \[" "$OUT/bench.log" | tail -60 ;;
+    tune)
+      timeout ${T_TUNE:-420} python3 -m qmoe tune --preset "$PRESETS" --backend "$BACKENDS" --tokens "$TOKENS" \
+        --kernels --reps ${REPS:-20} > "$OUT/tune.log" 2>&1
+      echo "tune rc=$?"; tail -30 "$OUT/tune.log" ;;
+    check)
+      timeout ${T_CHECK:-300} python3 -m qmoe check --preset "$PRESETS" --backend "$BACKENDS" \
+        --tokens ${CHECK_TOKENS:-0,1,3,64,1024} --json "$OUT/check.json" > "$OUT/check.log" 2>&1
+      echo "check rc=$?"; grep -E "^(FAIL|CRASH|TIMEOUT)" "$OUT/check.log" | head -12; tail -22 "$OUT/check.log" ;;
+    *) echo "usage: qualify.sh tests|probe|bench|tune|check ..." >&2; exit 2 ;;
+  esac
+}
+for s in "$@"; do
+  echo "=== $s ($(date +%T))"
+  step "$s"
+done
+for f in "$XDG_CACHE_HOME"/qmoe/*.json; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+true

@@ -170,3 +170,14 @@ def test_concurrent_config_writers_lose_nothing(tmp_path):
         assert p.exitcode == 0
     (entry,) = configs.USER_TABLE.read(path)["entries"].values()
     assert len(entry["buckets"]) == 200
+
+
+def test_every_kernel_config_field_round_trips_through_json():
+    from dataclasses import asdict
+
+    from qmoe.kernels.moe import KernelConfig
+
+    cfg = KernelConfig(32, 64, 128, False, 8, 4, 2, split_k=2, direct=True, pdl=True)
+    assert configs.kernel_config(json.loads(json.dumps(asdict(cfg)))) == cfg
+    with pytest.raises(TypeError, match="'direct' must be bool"):
+        configs.kernel_config({"direct": 1})

@@ -84,24 +84,33 @@ def parse_device(text) -> torch.device:
     return device
 
 
+def parse_choices(values, allowed, flag: str, what: str = "one of", extra: str = "") -> list:
+    """Repeated / comma-separated flag values, each one of `allowed` (ValueError naming the flag)."""
+    names = split(values)
+    for n in names:
+        if n not in allowed:
+            raise ValueError(f"{flag}: expected {what} {', '.join(allowed)}{extra}, got {n!r}")
+    return names
+
+
 def parse_presets(values, flag: str = "--preset") -> list:
     """Preset names (every preset when none is given)."""
-    names = split(values) or list(presets)
-    for n in names:
-        if n not in presets:
-            raise ValueError(f"{flag}: expected one of {', '.join(presets)}, got {n!r}")
-    return names
+    return parse_choices(values, list(presets), flag) or list(presets)
 
 
 def parse_formats(values, flag: str = "--format") -> list:
     """Format names ('all' for every format); [] when none is given (each preset's own)."""
-    fmts = split(values)
-    if fmts == ["all"]:
+    if split(values) == ["all"]:
         return list(FORMATS)
-    for f in fmts:
-        if f not in FORMATS:
-            raise ValueError(f"{flag}: expected one of {', '.join(FORMATS)} or 'all', got {f!r}")
-    return fmts
+    return parse_choices(values, FORMATS, flag, extra=" or 'all'")
+
+
+def add_problem_arguments(parser, verb: str, format_default: str = "each preset's own format") -> None:
+    """--preset and --format, as every command that runs presets takes them."""
+    parser.add_argument("--preset", action="append", metavar="NAME",
+                        help=f"preset(s) to {verb} (repeat or comma-separate; default all: {', '.join(presets)})")
+    parser.add_argument("--format", action="append", metavar="FMT",
+                        help=f"weight format(s) (default: {format_default}; 'all' for every format)")
 
 
 def preset_problems(preset_names, formats) -> list:
@@ -234,6 +243,6 @@ class Steps:
             print(f"{self.title}: {text}", file=sys.stderr, flush=True)
 
 
-__all__ = ["Steps", "add_json_argument", "console", "emit_json", "json_to_stdout", "load_backend", "number",
+__all__ = ["Steps", "add_json_argument", "add_problem_arguments", "parse_choices", "console", "emit_json", "json_to_stdout", "load_backend", "number",
            "output_path", "parse_backends", "parse_device", "parse_formats", "parse_presets", "parse_tokens",
            "preset_problems", "probe", "split"]

@@ -27,16 +27,12 @@ from ..spec import MoESpec, presets
 from ..timing import measure
 from ..tuning.buckets import BUCKETS
 from ..weights import random_weights
-from .common import (Steps, number, parse_backends, parse_device, parse_formats, parse_presets, parse_tokens,
-                     preset_problems, probe)
+from .common import (Steps, add_problem_arguments, number, parse_backends, parse_device, parse_formats,
+                     parse_presets, parse_tokens, preset_problems, probe)
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--preset", action="append", metavar="NAME",
-                        help=f"preset(s) to tune (repeat or comma-separate; default all: {', '.join(presets)})")
-    parser.add_argument("--format", action="append", metavar="FMT",
-                        help="weight format(s) (default: each preset's own format; mxfp4 for --experts ...; "
-                             "'all' for every format)")
+    add_problem_arguments(parser, "tune", "each preset's own format; mxfp4 for --experts ...")
     spec = parser.add_argument_group("an explicit shape instead of presets (all four together)")
     spec.add_argument("--experts", type=number("--experts", int, 1), metavar="E", help="num_experts")
     spec.add_argument("--hidden", type=number("--hidden", int, 1), metavar="H", help="hidden_size")

@@ -196,11 +196,57 @@ def _mma(acc, a, w, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _block_slots(sorted_ptr, blk, BM: tl.constexpr):
-    """Block blk's sorted rows: (row indices [BM], slot ids [BM] (-1 = padding), valid [BM])."""
+def _direct_block(ids_ptr, MK, E, blk, BM: tl.constexpr, MKP: tl.constexpr):
+    """The grouping done inside the GEMM, for few slots (M * k <= MKP): the slots' distinct
+    experts in order of their first slot, each cut into blocks of BM of its slots (in slot
+    order); block blk is the blk-th such block. Returns (its expert, or -1 when there are fewer
+    blocks, slot ids [BM] (-1 = padding), valid [BM]). Ids outside [0, E) are no expert (the
+    combine poisons their token's row). Costs O(MKP^2) integer work per program, no memory."""
+    s = tl.arange(0, MKP)
+    ids = tl.load(ids_ptr + s, mask=s < MK, other=-1)
+    ok = (ids >= 0) & (ids < E)
+    ids = tl.where(ok, ids, -1)
+    same = (ids[None, :] == ids[:, None]) & ok[None, :]                    # [MKP, MKP]
+    count = tl.sum(same.to(tl.int32), axis=1)                              # slots of my expert
+    row = tl.sum((same & (s[None, :] < s[:, None])).to(tl.int32), axis=1)  # my place among them
+    first = ok & (row == 0)
+    nblk = tl.where(first, (count + BM - 1) // BM, 0)
+    end = tl.cumsum(nblk, axis=0)
+    start = end - nblk
+    hit = first & (start <= blk) & (blk < end)
+    e = tl.max(tl.where(hit, ids, -1), axis=0)
+    chunk = blk - tl.max(tl.where(hit, start, -1), axis=0)
+    mine = ok & (ids == e)
+    r = chunk * BM + tl.arange(0, BM)
+    sel = mine[None, :] & (row[None, :] == r[:, None])                     # [BM, MKP]: row r is slot s
+    valid = tl.sum(sel.to(tl.int32), axis=1) > 0
+    slots = tl.where(valid, tl.sum(tl.where(sel, s[None, :], 0), axis=1), -1)
+    return e, slots, valid
+
+
+@triton.jit
+def _block(ids_ptr, MK, E, sorted_ptr, block_expert_ptr, blk, BM: tl.constexpr, DIRECT: tl.constexpr,
+           MKP: tl.constexpr):
+    """Block blk's expert (-1: no block), inter row indices [BM], slot ids [BM] and valid [BM],
+    from the grouping's arrays or (DIRECT) computed here from the ids."""
     rm = blk * BM + tl.arange(0, BM)
-    slots = tl.load(sorted_ptr + rm)
-    return rm, slots, slots >= 0
+    if DIRECT:
+        e, slots, valid = _direct_block(ids_ptr, MK, E, blk, BM, MKP)
+    else:
+        e = tl.load(block_expert_ptr + blk)
+        slots = tl.load(sorted_ptr + rm)
+        valid = slots >= 0
+    return e, rm, slots, valid
+
+
+@triton.jit
+def _pdl_begin(PDL: tl.constexpr):
+    """With programmatic dependent launch: let the next kernel of the stream launch now (its own
+    wait keeps it correct), then wait until the previous one's results are visible. Weights are
+    never written by earlier kernels, so only reads of x, ids and intermediates need the wait."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -253,11 +299,12 @@ def moe_gemm1_kernel(
     w_ptr, s_ptr, gs_ptr, b_ptr,      # w13 [E, 2Ip, Kp/2] u8; scales [E, 2Ip, Kp/G]; gs [E] f32; b13 [E, 2Ip] f32
     inter_ptr,                        # [NB * BM, Ip] bf16 (sorted, padded rows)
     sorted_ptr, block_expert_ptr,     # [NB * BM] i32 slot ids (-1 = padding); [NB] i32 expert (-1 = no block)
+    ids_ptr, MK, E,                   # [M * k] i32 expert ids (DIRECT: the grouping is done here)
     H, Ip, Kp, top_k, n_tiles, KB, NSC,
     alpha, beta, limit,
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
-    U: tl.constexpr, FOLD: tl.constexpr,
+    U: tl.constexpr, FOLD: tl.constexpr, DIRECT: tl.constexpr, MKP: tl.constexpr, PDL: tl.constexpr,
 ):
     """GEMM1 + SwiGLU: for one block of BM sorted token slots of one expert and BN intermediate
     columns, gather the tokens' rows of x (no permuted copy), multiply by the gate and up rows
@@ -266,11 +313,11 @@ def moe_gemm1_kernel(
     pid = tl.program_id(0)
     blk = pid // n_tiles
     nt = pid % n_tiles
-    e = tl.load(block_expert_ptr + blk)
+    _pdl_begin(PDL)
+    e, rm, slots, valid = _block(ids_ptr, MK, E, sorted_ptr, block_expert_ptr, blk, BM, DIRECT, MKP)
     if e < 0:
         return
     e64 = e.to(tl.int64)
-    rm, slots, valid = _block_slots(sorted_ptr, blk, BM)
     tok = tl.where(valid, slots // top_k, 0).to(tl.int64)
     rn = nt * BN + tl.arange(0, BN)
     wg_rows = w_ptr + (e64 * 2 * Ip + rn)[:, None] * KB
@@ -318,10 +365,12 @@ def moe_gemm2_kernel(
     w_ptr, s_ptr, gs_ptr, b_ptr,      # w2 [E, Hp, Ip/2] u8; scales [E, Hp, Ip/G]; gs [E] f32; b2 [E, Hp] f32
     y_ptr,                            # [SPLIT, M * top_k, H] per-slot outputs (fp32)
     sorted_ptr, block_expert_ptr, topk_w_ptr,   # topk_weights flat [M * top_k] f32
+    ids_ptr, MK, E,                   # [M * k] i32 expert ids (DIRECT: the grouping is done here)
     H, Hp, Ip, n_tiles, KB, NSC, y_split_stride,
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
-    U: tl.constexpr, FOLD: tl.constexpr, SPLIT: tl.constexpr,
+    U: tl.constexpr, FOLD: tl.constexpr, SPLIT: tl.constexpr, DIRECT: tl.constexpr, MKP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """GEMM2: one block of BM intermediate rows (one expert) times BN rows of w2, plus b2,
     times each slot's routing weight, stored to that slot's row of y (combined later in a
@@ -332,11 +381,11 @@ def moe_gemm2_kernel(
     sk = pid % SPLIT
     blk = pid // SPLIT // n_tiles
     nt = pid // SPLIT % n_tiles
-    e = tl.load(block_expert_ptr + blk)
+    _pdl_begin(PDL)
+    e, rm, slots, valid = _block(ids_ptr, MK, E, sorted_ptr, block_expert_ptr, blk, BM, DIRECT, MKP)
     if e < 0:
         return
     e64 = e.to(tl.int64)
-    rm, slots, valid = _block_slots(sorted_ptr, blk, BM)
     rn = nt * BN + tl.arange(0, BN)
     w_rows = w_ptr + (e64 * Hp + rn)[:, None] * KB
     s_rows = s_ptr + (e64 * Hp + rn)[:, None] * NSC
@@ -371,7 +420,7 @@ def moe_gemm2_kernel(
 def moe_combine_kernel(
     y_ptr, ids_ptr, shared_ptr, out_ptr,  # y [SPLIT, M * k, H]; ids [M, k] i32; shared [M, H] or dummy; out [M, H]
     H, top_k, E, y_split_stride,
-    HAS_SHARED: tl.constexpr, K_P2: tl.constexpr, BH: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_SHARED: tl.constexpr, K_P2: tl.constexpr, BH: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[t] = sum over splits s, then slots j with an expert, of y[s, t * k + j] (fixed
     order: deterministic) (+ shared_output[t]), in out's dtype. Every element of out is written.
@@ -381,6 +430,7 @@ def moe_combine_kernel(
     rh = tl.program_id(1) * BH + tl.arange(0, BH)
     hm = rh < H
     rj = tl.arange(0, K_P2)
+    _pdl_begin(PDL)
     ids = tl.load(ids_ptr + t * top_k + rj, mask=rj < top_k, other=-1)
     use = (ids >= 0) & (ids < E)
     bad = tl.sum(((ids < -1) | (ids >= E)).to(tl.int32), axis=0) > 0
@@ -444,8 +494,9 @@ def _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, E, start, CH: tl
 @triton.jit
 def moe_group_small_kernel(ids_ptr, counts_ptr, starts_ptr, rank_ptr, sorted_ptr, block_expert_ptr,
                            MK, E, NB, BM: tl.constexpr, CH: tl.constexpr, E_P2: tl.constexpr,
-                           NBT: tl.constexpr, FT: tl.constexpr):
+                           NBT: tl.constexpr, FT: tl.constexpr, PDL: tl.constexpr):
     """All of the grouping in one program (M * k <= CH): for decode, one launch."""
+    _pdl_begin(PDL)
     re = tl.arange(0, E_P2)
     tl.store(counts_ptr + re, tl.zeros((E_P2,), dtype=tl.int32), mask=re < E)
     tl.debug_barrier()

@@ -34,6 +34,9 @@ at or below it (|scale| <= 2) run the decode with one multiply per pair instead 
 SMALL_GROUPING_MAX = 256
 """Up to this many (token, expert) slots, grouping runs as one Triton program (one launch,
 for decode); above it, as three small kernels (rank, expert starts, placement)."""
+DIRECT_MAX_SLOTS = 128
+"""Up to this many (token, expert) slots a configuration may group inside the GEMMs (direct=True):
+no grouping launch; each GEMM program finds its block from the ids (O(slots^2) integer work)."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,12 @@ class KernelConfig:
     block_m: sorted token rows per program (16..128); block_n1 / block_n2: output columns per
     program in GEMM1 (intermediate) / GEMM2 (hidden); swap: weights as the MMA's first operand
     (accumulator transposed); k_unroll: K chunks per loop iteration (loads in flight);
-    warps/stages per GEMM.
+    warps/stages per GEMM; split_k: GEMM2 as this many K parts per tile (partial sums added in
+    the combine, in a fixed order);
+    direct: group the slots inside the GEMMs (no grouping launch; used when M * k <=
+    DIRECT_MAX_SLOTS, else the grouping kernels run); pdl: launch each kernel with
+    programmatic dependent launch (it starts while the previous one finishes and waits on the
+    device for its results; GPU only, ignored by the interpreter).
     """
 
     block_m: int = 16
@@ -54,6 +62,8 @@ class KernelConfig:
     num_stages: int = 3
     k_unroll: int = 4
     split_k: int = 1
+    direct: bool = False
+    pdl: bool = False
 
     def __post_init__(self):
         for f in ("block_m", "block_n1", "block_n2"):
@@ -190,12 +200,13 @@ def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
     return num_slots // block_m + min(num_experts, num_slots)
 
 
-def group_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Grouping:
+def group_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int, pdl: bool = False) -> Grouping:
     """Sort (token, expert) slots by expert, each expert padded to a multiple of block_m rows.
 
     topk_ids: [M, k] int32; -1 (no expert) and ids outside [0, E) are dropped (never read
     or written out of bounds).
     One Triton program for up to SMALL_GROUPING_MAX slots, else three small kernels.
+    pdl: launch the one-program grouping with programmatic dependent launch (GPU only).
     """
     MK = topk_ids.numel()
     E = num_experts
@@ -211,7 +222,8 @@ def group_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Grou
         counts, starts, rank = scratch[:E], scratch[E:2 * E], scratch[2 * E:]
         K.moe_group_small_kernel[(1,)](
             ids, counts, starts, rank, sorted_slots, block_expert, MK, E, NB,
-            BM=block_m, CH=max(16, triton.next_power_of_2(MK)), E_P2=e_p2, NBT=nbt, FT=1024, num_warps=4)
+            BM=block_m, CH=max(16, triton.next_power_of_2(MK)), E_P2=e_p2, NBT=nbt, FT=1024, PDL=pdl,
+            num_warps=4, **({"launch_pdl": True} if pdl else {}))
         return Grouping(sorted_slots, block_expert, block_m)
     counts = torch.zeros(E, dtype=torch.int32, device=dev)
     starts = torch.empty(E, dtype=torch.int32, device=dev)
@@ -251,32 +263,41 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         raise ValueError(f"cfg: {cfg} cannot run here: {bad}")
     has_bias1, has_bias2 = weights.b13 is not None, weights.b2 is not None
     dummy = weights.w13  # for absent optional pointers (never read)
-    grp = group_tokens(topk_ids, E, BM)
-    NB = grp.num_blocks
+    MK = M * k
+    pdl = cfg.pdl and not interp
+    launch = {"launch_pdl": True} if pdl else {}
+    direct = cfg.direct and MK <= DIRECT_MAX_SLOTS
+    ids = topk_ids.reshape(-1)
+    if direct:  # the GEMMs find their blocks from the ids: no grouping launch
+        NB, sorted_slots, block_expert = max_blocks(MK, E, BM), ids, ids
+        mkp = max(16, triton.next_power_of_2(MK))
+    else:
+        grp = group_tokens(topk_ids, E, BM, pdl=pdl)
+        NB, sorted_slots, block_expert, mkp = grp.num_blocks, grp.sorted_slots, grp.block_expert, 16
     inter = torch.empty(NB * BM, Ip, dtype=torch.bfloat16, device=x.device)
     n1 = Ip // cfg.block_n1
     k1 = K.moe_gemm1_kernel[(NB * n1,)](
         x, x.stride(0), weights.w13, weights.s13,
         weights.gs13 if weights.gs13 is not None else dummy, weights.b13 if has_bias1 else dummy,
-        inter, grp.sorted_slots, grp.block_expert,
+        inter, sorted_slots, block_expert, ids, MK, E,
         H, Ip, Hp, k, n1, weights.w13.stride(1), weights.s13.stride(1),
         float(alpha), float(beta), float(limit) if limit is not None else 0.0,
         FMT=fmt, G=G, HAS_BIAS=has_bias1, HAS_LIMIT=limit is not None,
         BM=BM, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold13,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DIRECT=direct, MKP=mkp, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
     S = cfg.split_k
-    y = torch.empty(S, M * k, H, dtype=torch.float32, device=x.device)
+    y = torch.empty(S, MK, H, dtype=torch.float32, device=x.device)
     n2 = Hp // cfg.block_n2
     k2 = K.moe_gemm2_kernel[(NB * n2 * S,)](
         inter, weights.w2, weights.s2,
         weights.gs2 if weights.gs2 is not None else dummy, weights.b2 if has_bias2 else dummy,
-        y, grp.sorted_slots, grp.block_expert, topk_weights,
-        H, Hp, Ip, n2, weights.w2.stride(1), weights.s2.stride(1), M * k * H,
+        y, sorted_slots, block_expert, topk_weights, ids, MK, E,
+        H, Hp, Ip, n2, weights.w2.stride(1), weights.s2.stride(1), MK * H,
         FMT=fmt, G=G, HAS_BIAS=has_bias2,
         BM=BM, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold2,
-        SPLIT=S, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SPLIT=S, DIRECT=direct, MKP=mkp, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
     _record(stats, (("gemm1", k1, NB * n1), ("gemm2", k2, NB * n2 * S)))
-    return _combine(y, topk_ids, E, out, shared_output)
+    return _combine(y, topk_ids, E, out, shared_output, pdl)
 
 
 def _record(stats, launches):
@@ -288,7 +309,7 @@ def _record(stats, launches):
                        "shared": getattr(getattr(kern, "metadata", None), "shared", None), "grid": grid}
 
 
-def _combine(y, topk_ids, E, out, shared_output):
+def _combine(y, topk_ids, E, out, shared_output, pdl=False):
     """y: [S, M * k, H] fp32 (S split-K partial sums) -> out (+ shared_output); rows of tokens
     with an id outside [-1, E) become NaN."""
     M, H = out.shape
@@ -297,5 +318,5 @@ def _combine(y, topk_ids, E, out, shared_output):
     K.moe_combine_kernel[(M, triton.cdiv(H, BH))](
         y, topk_ids, shared_output if shared_output is not None else out, out, H, k, E, y.stride(0),
         HAS_SHARED=shared_output is not None, K_P2=max(2, triton.next_power_of_2(k)), BH=BH,
-        SPLIT=y.shape[0], num_warps=4)
+        SPLIT=y.shape[0], PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return out

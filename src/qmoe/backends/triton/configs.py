@@ -42,8 +42,9 @@ def kernel_config(d):
     unknown = sorted(set(d) - names)
     if unknown:
         raise ValueError(f"unknown config fields {unknown}")
+    flags = {f.name for f in fields(KernelConfig) if f.type in (bool, "bool")}
     for k, v in d.items():
-        want = bool if k == "swap" else int
+        want = bool if k in flags else int
         if not isinstance(v, want) or (want is int and isinstance(v, bool)):
             raise TypeError(f"config field {k!r} must be {want.__name__}, got {v!r}")
     return KernelConfig(**d)
@@ -159,29 +160,32 @@ def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4"):
 
 
 def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4"):
-    """Launch configurations worth timing at m tokens (about a dozen), from what won where on
-    an H100 (docs/performance.md)."""
+    """Launch configurations worth timing at m tokens (a handful per regime, so that tuning three
+    presets fits in minutes): decode tiles of 16 rows with the grouping inside the GEMMs and
+    programmatic dependent launch, and without (the default); split-K for GEMM2 when almost every
+    expert sees one token; 32- and 64-row blocks in between; 128-row blocks for prefill (int4 also
+    with the weight as the MMA's first operand, which the E2M1 decode cannot do)."""
     from ...kernels.moe import KernelConfig as C
 
     per_expert = m * top_k / num_experts
+    fast = dict(direct=True, pdl=True)
     out = [default_config(m, top_k, num_experts, fmt)]
     if per_expert <= 12:
-        out += [C(16, n1, n2, False, 4, st, u) for n1, n2 in ((32, 32), (32, 64), (64, 64))
-                for u in (2, 4) for st in (2, 3)]
-        out += [C(16, 128, 128, False, 8, 3, 2), C(16, 64, 128, False, 4, 3, 4)]
+        out += [C(16, n1, n2, False, w, 3, u, **fast)
+                for n1, n2, w, u in ((32, 32, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 2), (128, 128, 8, 2))]
+        out += [C(16, 64, 64, False, 4, 4, 4, **fast)]
     if per_expert <= 0.5:  # few active experts: GEMM2 as two half-K programs per tile
-        out += [C(16, n1, n2, False, 4, 3, u, split_k=2) for n1, n2 in ((32, 32), (32, 64), (64, 64))
-                for u in (2, 4)]
+        out += [C(16, 32, 32, False, 4, 3, 4, split_k=2, **fast), C(16, 64, 64, False, 4, 3, 4, split_k=2, **fast)]
     if 2 <= per_expert <= 64:
-        out += [C(32, 64, 64, sw, 4, 3, u) for sw in (False, True) for u in (2, 4)]
-        out += [C(64, 64, 64, True, 4, 3, 2)]
+        out += [C(32, 64, 64, False, 4, 3, 2), C(64, 64, 64, False, 4, 3, 2), C(32, 128, 128, False, 8, 3, 2),
+                C(64, 128, 128, False, 8, 3, 2)]
+        if fmt == "int4":
+            out += [C(32, 64, 64, True, 4, 3, 2), C(64, 64, 64, True, 4, 3, 2)]
     if per_expert >= 16:
-        out += [C(64, 128, 128, True, 8, 3, 2), C(128, 64, 64, True, 4, 3, 2), C(128, 64, 64, True, 4, 2, 2),
-                C(128, 64, 128, True, 4, 3, 2), C(128, 128, 128, True, 8, 3, 1), C(128, 128, 128, True, 8, 3, 2),
-                C(128, 128, 128, False, 8, 3, 2), C(64, 128, 128, False, 8, 3, 2), C(128, 64, 64, False, 4, 3, 2),
-                C(128, 128, 64, False, 8, 3, 2)]
-    if fmt != "int4":  # the E2M1 decode has no wgmma-operand (swap) variant
-        out = [c for c in out if not c.swap]
+        out += [C(128, 128, 128, False, 8, 3, 2), C(128, 64, 128, False, 4, 3, 2), C(128, 128, 64, False, 8, 3, 2),
+                C(64, 128, 128, False, 8, 3, 2), C(128, 128, 128, False, 8, 4, 1)]
+        if fmt == "int4":
+            out += [C(128, 64, 64, True, 4, 3, 2), C(128, 128, 128, True, 8, 3, 2)]
     return list(dict.fromkeys(out))
 
 

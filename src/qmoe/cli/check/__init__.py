@@ -18,14 +18,12 @@ Without a GPU, or with --quick, presets are scaled down to run in minutes on a C
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
 from ...formats import FORMATS
-from ...spec import presets
-from ..common import (Steps, emit_json, number, output_path, parse_backends, parse_device, parse_formats,
-                      parse_presets, parse_tokens, split)
+from ..common import (Steps, add_problem_arguments, emit_json, number, output_path, parse_backends, parse_choices,
+                      parse_device, parse_formats, parse_presets, parse_tokens)
 from .cases import (PROPERTIES, TOKENS, TOLERANCES, case_inputs, make_cases, make_problems, padded_spec,
                     quick_spec, spec_from_dict, spec_to_dict)
 from .harness import check_backend, run_checks
@@ -34,10 +32,7 @@ from .run import run_case
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--preset", action="append", metavar="NAME",
-                        help=f"preset(s) to check (repeat or comma-separate; default all: {', '.join(presets)})")
-    parser.add_argument("--format", action="append", metavar="FMT",
-                        help="weight format(s) (default: each preset's own format; 'all' for every format)")
+    add_problem_arguments(parser, "check")
     parser.add_argument("--backend", action="append", metavar="NAME",
                         help="backend(s) to check (default: every qmoe backend; 'module:attr' for an "
                              "object following the backend protocol)")
@@ -77,11 +72,7 @@ def parse_tolerances(items) -> dict:
 
 
 def parse_require(text) -> tuple:
-    props = tuple(split([text])) if text else ()
-    for p in props:
-        if p not in PROPERTIES:
-            raise ValueError(f"--require: expected a comma-separated subset of {', '.join(PROPERTIES)}, got {p!r}")
-    return props
+    return tuple(parse_choices([text] if text else [], PROPERTIES, "--require", "a comma-separated subset of"))
 
 
 def run(args) -> int:

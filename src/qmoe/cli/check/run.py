@@ -66,13 +66,7 @@ def run_case(backend, prepared, spec, weights, case: dict, *, seed: int, toleran
     if kind == "nan":
         problems += _judge_nan(out, ref, tolerance, res)
     else:
-        bad = int((~torch.isfinite(out)).sum())
-        if bad:
-            problems.append(f"{bad} of {out.numel()} output elements are NaN/Inf (unwritten?)")
-        else:
-            res["rel_err"] = relative_error(out, ref)
-            if res["rel_err"] > tolerance:
-                problems.append(f"relative error {res['rel_err']:.3g} > {tolerance:g}")
+        problems += _judge_values(out, ref, tolerance, res, "output elements are NaN/Inf (unwritten?)", "")
     if graph and M > 0 and kind == "accuracy":
         if backend.capturable:
             ok, res["graph"] = _graph_check(backend, prepared, x, ids, w, shared, out, tolerance)
@@ -103,15 +97,22 @@ def _judge_nan(out, ref, tolerance, res) -> list:
         problems.append(f"{missing} row(s) the reference makes NaN are not all NaN: the backend dropped a NaN")
     rest = ~want
     if bool(rest.any()):
-        o, r = out[rest], ref[rest]
-        bad = int((~torch.isfinite(o)).sum())
-        if bad:
-            problems.append(f"{bad} elements outside the NaN rows are NaN/Inf (the NaN spread or was unwritten)")
-        else:
-            res["rel_err"] = relative_error(o, r)
-            if res["rel_err"] > tolerance:
-                problems.append(f"relative error outside the NaN rows {res['rel_err']:.3g} > {tolerance:g}")
+        problems += _judge_values(out[rest], ref[rest], tolerance, res,
+                                  "elements outside the NaN rows are NaN/Inf (the NaN spread or was unwritten)",
+                                  " outside the NaN rows")
     return problems
+
+
+def _judge_values(out, ref, tolerance, res, unwritten: str, where: str) -> list:
+    """[] when every element of out is finite and within `tolerance` of ref (res["rel_err"] set),
+    else the problem, in words."""
+    bad = int((~torch.isfinite(out)).sum())
+    if bad:
+        return [f"{bad} of {out.numel()} {unwritten}"]
+    res["rel_err"] = relative_error(out, ref)
+    if res["rel_err"] > tolerance:
+        return [f"relative error{where} {res['rel_err']:.3g} > {tolerance:g}"]
+    return []
 
 
 def _graph_check(backend, prepared, x, ids, w, shared, eager, tolerance):
