@@ -11,7 +11,7 @@ SRC = Path(qmoe.__file__).resolve().parent
 
 LAYERS = {
     "support": 0, "formats": 0, "spec": 1, "weights": 2, "kernels": 2, "tuning": 3, "timing": 3, "routing": 4,
-    "backends": 5, "dispatch": 6, "moe": 7, "nn": 7, "integrations": 7, "parallel": 7, "cli": 9,
+    "backends": 5, "dispatch": 6, "parallel": 7, "moe": 8, "nn": 9, "integrations": 10, "cli": 11,
 }
 """Rank of each top-level part of the package: a part may import parts of lower rank (and itself)."""
 KERNELS_MAY_IMPORT = {"kernels"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import make_plan
+from .parallel import ParallelPlan, experts_batched
 from .routing import check_inputs, route
 from .spec import MoESpec
 from .weights import ExpertWeights
@@ -39,17 +40,26 @@ class MoE:
     max_layout_bytes: for "auto", the total bytes all prepared layouts may take together (a
              decode winner and a prefill winner); None for the default, 2.5 x weights.nbytes.
              One layout is always kept, even over the budget.
+    ep_group, tp_group: torch.distributed process groups to split the experts over (expert
+             parallelism) and / or the intermediate dimension (tensor parallelism); weights are
+             then the whole layer's or this rank's shard (qmoe.parallel.shard_weights), and every
+             rank of the groups calls the MoE with its own tokens (EP) or the same tokens (TP),
+             M = 0 included. docs/parallel.md.
+    max_tokens: with ep_group, the most tokens any rank passes in one call: fixed-size exchange
+             buffers, no host sync, CUDA-graph capturable (None: exact counts, one host sync).
     """
 
     def __init__(self, spec: MoESpec, weights: ExpertWeights, backend: str = "auto", *,
-                 check_ids=True, max_layout_bytes: int | None = None):
+                 check_ids=True, max_layout_bytes: int | None = None, ep_group=None, tp_group=None,
+                 max_tokens: int | None = None):
         if not isinstance(spec, MoESpec):
             raise ValueError(f"spec: expected a MoESpec, got {type(spec).__name__}")
         if not isinstance(weights, ExpertWeights):
             raise ValueError(f"weights: expected an ExpertWeights, got {type(weights).__name__}")
+        parallel = ep_group is not None or tp_group is not None
         want = (spec.num_experts, spec.hidden_size, spec.intermediate_size)
         got = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
-        if want != got:
+        if want != got and not parallel:  # a ParallelPlan takes the whole layer or this rank's shard
             raise ValueError(f"weights: expected (num_experts, hidden_size, intermediate_size) = {want} "
                              f"from the spec, got {got}")
         if spec.bias != weights.has_bias:
@@ -60,7 +70,14 @@ class MoE:
         self.spec = spec
         self.weights = weights
         self.check_ids = check_ids
-        self.plan = make_plan(spec, weights, backend, max_layout_bytes=max_layout_bytes)
+        if parallel:
+            self.plan = ParallelPlan(spec, weights, backend, ep_group=ep_group, tp_group=tp_group,
+                                     max_tokens=max_tokens, max_layout_bytes=max_layout_bytes)
+        elif max_tokens is not None:
+            raise ValueError(f"max_tokens: sizes the expert-parallel exchange buffers; expected None "
+                             f"without ep_group, got {max_tokens!r}")
+        else:
+            self.plan = make_plan(spec, weights, backend, max_layout_bytes=max_layout_bytes)
 
     @property
     def device(self) -> torch.device:
@@ -130,7 +147,7 @@ class MoE:
             self._check_out("out", out, x.dtype, M)
         if shared_output is not None:
             self._check_out("shared_output", shared_output, None, M)
-        if M == 0:
+        if M == 0 and not isinstance(self.plan, ParallelPlan):  # an EP rank with no tokens still serves
             return out
         backend, run = self.plan.runner(M)
         guard = not backend.poisons_bad_ids and (
@@ -143,6 +160,17 @@ class MoE:
         if guard:
             out.masked_fill_(bad.any(dim=1, keepdim=True), float("nan"))
         return out
+
+    def experts_batched(self, x: torch.Tensor, counts: torch.Tensor, out: torch.Tensor | None = None):
+        """The experts on per-expert buffers (the batched format low-latency all-to-all libraries
+        produce).
+
+        x: [E_local, T, H] bf16 (fp16, fp32 accepted), contiguous (E_local: num_experts, or this
+        rank's experts with ep_group); counts: [E_local] int32 or int64 (rows in use per expert);
+        out: [E_local, T, H] of x's dtype or None. Returns out: row t of out[e] is expert e's
+        output for x[e, t] with weight 1; rows past each count are 0.
+        """
+        return experts_batched(self.plan, x, counts, out)
 
     # --- validation ---------------------------------------------------------------------------
     def _check_device(self, name, t):

@@ -114,6 +114,33 @@ class Backend:
         """
         raise NotImplementedError
 
+    def forward_batched(self, prepared: Prepared, x: torch.Tensor, counts: torch.Tensor,
+                        out: torch.Tensor) -> torch.Tensor:
+        """Compute the experts on the batched activation format of low-latency all-to-all
+        libraries (per-expert buffers) into `out` and return it.
+
+        x: [E, T, H] bf16 / fp16 / fp32 contiguous, E = prepared.spec.num_experts: rows
+        0..counts[e]-1 of x[e] are tokens for expert e, the rest unused (any content, never
+        read into a result); counts: [E] int32 or int64 on x's device (values below 0 act as
+        0, above T as T); out: [E, T, H] of x's dtype, contiguous: row t of out[e] is expert
+        e's output for that row with weight 1 (no combine across experts), rows past the count
+        0. No host synchronization when `capturable`.
+
+        This fallback, which every backend has: flatten x to [E * T, H] rows, name expert e
+        in slot 0 of the rows in use and -1 in the unused rows and in the other top_k - 1
+        slots, weights 1, and run `forward` (whose rows of all -1 ids are 0). A backend with a
+        native batched path overrides it.
+        """
+        E, T, H = x.shape
+        k = prepared.spec.top_k
+        used = torch.arange(T, device=x.device).unsqueeze(0) < counts.unsqueeze(1)   # [E, T]
+        expert = torch.arange(E, dtype=torch.int32, device=x.device).unsqueeze(1)
+        ids = torch.full((E * T, k), -1, dtype=torch.int32, device=x.device)
+        ids[:, 0] = torch.where(used, expert, -1).view(E * T)
+        weights = torch.ones(E * T, k, dtype=torch.float32, device=x.device)
+        self.forward(prepared, x.view(E * T, H), ids, weights, out.view(E * T, H))
+        return out
+
     def format_hint(self, fmt: str) -> str:
         """Text appended to the refusal of a format this backend does not run (where to go
         instead), e.g. " (int4: use marlin)"; empty by default."""

@@ -56,6 +56,7 @@ from ..formats import QuantizedTensor
 from ..kernels.peers import align, weighted_sum
 from ..spec import MoESpec, SwiGLU
 from ..weights import ExpertWeights, deinterleave_gate_up, interleave_gate_up
+from ..weights.compressed_tensors import from_pack_quantized, to_pack_quantized
 from .base import Backend, Prepared, Support, cuda_capability
 
 INSTALL_HINT = "pip install 'qmoe[humming]' (humming-kernels >= 0.1.19)"
@@ -234,8 +235,7 @@ def to_schema(fmt: str, q: QuantizedTensor, bias: torch.Tensor | None = None, in
         bias = None if bias is None else interleave_gate_up(bias)
     data, scales = data.contiguous(), scales.contiguous()
     if fmt == "int4":
-        # two's complement nibble c -> offset binary c + 8 (mod 16): flip bit 3 of both nibbles
-        out = {"weight_packed": (data ^ 0x88).view(torch.int32), "weight_scale": scales}
+        out = {"weight_packed": to_pack_quantized(data), "weight_scale": scales}
     else:
         out = {"weight": data, "weight_scale": scales}
         if fmt == "nvfp4":
@@ -252,7 +252,7 @@ def from_schema(fmt: str, tensors: dict, shape, interleaved: bool = False):
         raise ValueError(f"fmt: expected one of {', '.join(SCHEMAS)}, got {fmt!r}")
     E, N, K = shape
     if fmt == "int4":
-        data = tensors["weight_packed"].contiguous().view(torch.uint8).reshape(E, N, K // 2) ^ 0x88
+        data = from_pack_quantized(tensors["weight_packed"]).reshape(E, N, K // 2)
     else:
         data = tensors["weight"]
     scales, gs = tensors["weight_scale"], tensors.get("weight_scale_2") if fmt == "nvfp4" else None

@@ -117,8 +117,10 @@ class ExpertWeights:
 
 
 from .gpt_oss import load_gpt_oss, save_gpt_oss  # noqa: E402  (importers need ExpertWeights)
+from .compressed_tensors import load_compressed_tensors, save_compressed_tensors  # noqa: E402
+from .modelopt import load_modelopt_nvfp4, save_modelopt_nvfp4  # noqa: E402
 from .layout import deinterleave_gate_up, interleave_gate_up  # noqa: E402
 from .synthetic import random_weights  # noqa: E402
 
-__all__ = ["ExpertWeights", "deinterleave_gate_up", "interleave_gate_up", "load_gpt_oss", "random_weights",
-           "save_gpt_oss"]
+__all__ = ["ExpertWeights", "deinterleave_gate_up", "interleave_gate_up", "load_compressed_tensors", "load_gpt_oss",
+           "load_modelopt_nvfp4", "random_weights", "save_compressed_tensors", "save_gpt_oss", "save_modelopt_nvfp4"]
