@@ -41,9 +41,13 @@ step() {
     tests)
       nvidia-smi --query-gpu=name,clocks.max.sm,memory.used --format=csv,noheader
       python3 -m qmoe env > "$OUT/gpu_tests.log" 2>&1; grep -E "^(triton|humming|vllm|triton_kernels|torch) " "$OUT/gpu_tests.log"
-      timeout ${T_TESTS:-300} python3 -m pytest -q -m gpu --timeout 240 -p no:cacheprovider -rfEs \
-        ${TEST_DIRS:-tests/kernels tests/routing tests/backends tests/parallel tests/integrations} >> "$OUT/gpu_tests.log" 2>&1
-      echo "gpu tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -8 ;;
+      for t in ${TEST_DIRS:-tests/kernels tests/routing tests/backends tests/parallel tests/integrations}; do
+        echo "--- $t" >> "$OUT/gpu_tests.log"
+        timeout ${T_TEST:-150} python3 -m pytest -q -m gpu --timeout 140 -p no:cacheprovider -rfEs --tb=short \
+          "$t" >> "$OUT/gpu_tests.log" 2>&1
+        echo "$t rc=$?: $(grep -E '(passed|failed|error|skipped|deselected)( |,|$)' "$OUT/gpu_tests.log" | tail -1)"
+      done
+      grep -E "^(FAILED|ERROR) " "$OUT/gpu_tests.log" | head -12 ;;
     probe)
       timeout ${T_PROBE:-240} python3 scripts/device/probe.py --presets "$PRESETS" > "$OUT/probe.log" 2>&1
       echo "probe rc=$?"; tail -45 "$OUT/probe.log" ;;

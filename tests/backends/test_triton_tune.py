@@ -29,12 +29,15 @@ def test_tune_kernels_writes_the_table_and_prepare_uses_it(tmp_path, monkeypatch
     assert tune.run(args) == 0
     saved = json.loads(table.read_text())
     assert saved["kind"] == "qmoe-triton-configs" and saved["schema"] == 2
-    (key, entry), = saved["entries"].items()
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
-    assert key.startswith(f"{gpu}|mxfp4|E4 H64 I64 k2|") and f"triton {configs.versions()['triton']}" in key
+    entries = {("batch-invariant" in k): e for k, e in saved["entries"].items()}
+    assert len(saved["entries"]) == 2 and set(entries) == {True, False}  # both modes' winners
+    for key in saved["entries"]:
+        assert key.startswith(f"{gpu}|mxfp4|E4 H64 I64 k2|") and f"triton {configs.versions()['triton']}" in key
+    entry = entries[True]  # the backend is batch-invariant by default
     assert set(entry["buckets"]) == {"3"}  # the tuned M is a bucket of its own
     winner = KernelConfig(**entry["buckets"]["3"])
-    assert winner in (configs.default_config(3, 2, 4), only)
+    assert winner in (configs.default_config(3, 2, 4), only) and configs.invariant(winner)
 
     spec = qmoe.MoESpec(4, 2, 64, 64)
     g = torch.Generator().manual_seed(0)

@@ -296,3 +296,44 @@ def test_direct_grouping_poisons_bad_ids_too():
     b = get_backend("triton")
     out = b.forward(b.prepare(spec, w), x, ids, tw, torch.empty_like(x), config=KernelConfig(direct=True))
     assert torch.isnan(out).all(dim=1).tolist() == [False, True, False]
+
+
+# --- batch invariance: a token's row does not depend on the batch it is in -------------------------
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rows_of_a_batch_equal_the_same_tokens_alone(fmt):
+    """Through MoE with the default (batch-invariant) triton backend: the configurations chosen
+    for 1, 3, 16 and 64 tokens differ (direct 16-row blocks, grouped 16- and 32-row blocks), yet
+    every row is bitwise the same."""
+    spec, w = make(8, 2, 64, 96, fmt, seed=21)
+    x, ids, tw = inputs(spec, 64, seed=9, drop=0.1)
+    moe = qmoe.MoE(spec, w, backend="triton")
+    full = moe.experts(x, ids, tw)
+    seen = {moe.plan.prepared["triton"].meta["batch_invariant"]}
+    for m in (1, 3, 16):
+        part = moe.experts(x[:m].contiguous(), ids[:m].contiguous(), tw[:m].contiguous())
+        assert torch.equal(part, full[:m]), f"M={m}"
+    b = get_backend("triton")
+    cfgs = {b.config_for(moe.plan.prepared["triton"], m) for m in (1, 3, 16, 64)}
+    assert seen == {True} and len(cfgs) >= 2  # several configurations really ran
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,fmt", [("gpt-oss-120b", "mxfp4"), ("kimi-k2.5", "int4"), ("qwen3-30b-a3b", "nvfp4")])
+def test_batch_invariance_on_gpu(name, fmt):
+    """Prefixes of 4096 tokens at M in {1, 2, 3, 4, 8, 16, 64, 256, 1024, 4096}: every row equal,
+    bitwise, to the same token in the batch of 4096 (issue 12)."""
+    spec = qmoe.presets[name]
+    w = random_weights(spec, fmt, "cuda")
+    moe = qmoe.MoE(spec, w, backend="triton")
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(4096, spec.hidden_size, device="cuda", generator=g).to(torch.bfloat16)
+    ids, tw = qmoe.route(spec, torch.randn(4096, spec.num_experts, device="cuda", generator=g))
+    full = moe.experts(x, ids, tw)
+    differ = {}
+    for m in (1, 2, 3, 4, 8, 16, 64, 256, 1024):
+        part = moe.experts(x[:m].contiguous(), ids[:m].contiguous(), tw[:m].contiguous())
+        n = int((part.view(torch.int16) != full[:m].view(torch.int16)).any(dim=1).sum())
+        if n:
+            differ[m] = n
+    assert differ == {}, f"rows differing from the batch of 4096: {differ}"

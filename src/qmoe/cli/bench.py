@@ -33,7 +33,8 @@ def add_arguments(p):
     p.add_argument("--format", action="append", dest="formats",
                    help="mxfp4 | nvfp4 | int4 (repeatable; default: the preset's own format)")
     p.add_argument("--tokens", help=f"comma-separated token counts M (default {','.join(map(str, DEFAULT_TOKENS))})")
-    p.add_argument("--backend", action="append", dest="backends", help="backend name (repeatable; default all usable)")
+    p.add_argument("--backend", action="append", dest="backends",
+                   help="backend name, or auto (the choice of the tuning table per M) (repeatable; default all usable)")
     p.add_argument("--reference-max-tokens", type=number("--reference-max-tokens", int, 0), default=64,
                    help="time the (slow) reference backend only up to this M (default %(default)s)")
     p.add_argument("--no-check", action="store_true", help="skip the relative-error check against float64")
@@ -82,10 +83,16 @@ def add_ratios(cells: list) -> None:
             groups.setdefault((c["preset"], c["format"], c["M"]), []).append(c)
     for group in groups.values():
         for c in group:
-            others = [o for o in group if o is not c and o["backend"] != "reference"]
+            others = [o for o in group if o is not c and o["backend"] not in ("reference", "auto")]
             if others:
                 best = min(others, key=lambda o: o["us"])
                 c["vs_best_other"], c["best_other"] = c["us"] / best["us"], best["backend"]
+
+
+class _Auto:
+    """Stands for backend="auto" in the bench (what it runs is the plan's choice per M)."""
+
+    capturable = True
 
 
 def _inputs(spec, M, device, seed):
@@ -100,6 +107,7 @@ def run_bench(problems, tokens, backends, *, device, reps=50, check=True, ref_ma
     """Measure; returns the result dict (module doc). problems: [(preset name, format)];
     scale_down: use `qmoe demo`'s CPU shapes; steps: a common.Steps for progress, or None."""
     from .. import MoE
+    from ..backends import get_backend
     from ..backends.reference import reference_moe, relative_error
     from ..routing import route
     from ..spec import preset
@@ -125,7 +133,7 @@ def run_bench(problems, tokens, backends, *, device, reps=50, check=True, ref_ma
         say(f"{pname} {fmt}: weights ready in {time.time() - t0:.1f} s ({weights.nbytes / 2**30:.2f} GiB)")
         moes = {}
         for name in backends:
-            b, why = probe(name, spec, fmt, device)
+            b, why = probe(name, spec, fmt, device) if name != "auto" else (_Auto(), "")
             if b is None:
                 say(f"  {name}: not usable: {why}")
                 res["cells"].append({"preset": pname, "format": fmt, "backend": name, "skipped": why})
@@ -135,6 +143,10 @@ def run_bench(problems, tokens, backends, *, device, reps=50, check=True, ref_ma
             t1 = time.time()
             try:
                 moes[name] = (b, MoE(spec, weights, backend=name, check_ids=False))
+                if name == "auto":
+                    b.capturable = all(get_backend(n).capturable for n in moes[name][1].plan.prepared)
+                    cell_note = "; ".join(moes[name][1].explain(m).splitlines()[0] for m in tokens)
+                    say(f"  auto: {cell_note}")
             except Exception as e:  # a backend that fails to prepare is reported, the others still run
                 why = f"prepare failed: {type(e).__name__}: {e}"
                 say(f"  {name}: {why}")
@@ -178,6 +190,8 @@ def run_bench(problems, tokens, backends, *, device, reps=50, check=True, ref_ma
                 cell.update(cell_metrics(spec, weights, ids, t_exp["median_us"], roof, x.numel() * 2,
                                          out.numel() * 2))
                 cell["layer_us"] = t_layer["median_us"]
+                if name == "auto":
+                    cell["runs"] = moe.backend_for(M)
                 cell["timed_with"] = t_exp["method"]
                 if t_exp.get("note"):
                     cell["timing_note"] = t_exp["note"]
@@ -266,7 +280,7 @@ def run(args) -> int:
     device = parse_device(args.device)
     problems = preset_problems(parse_presets(args.preset or ["gpt-oss-120b"]), parse_formats(args.formats))
     tokens = parse_tokens(args.tokens, default=DEFAULT_TOKENS)
-    backends = parse_backends(args.backends)
+    backends = parse_backends(args.backends, allow_auto=True)
     scale_down = device.type == "cpu" and not args.full
     if device.type == "cpu":
         import os

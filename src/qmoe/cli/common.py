@@ -118,13 +118,15 @@ def preset_problems(preset_names, formats) -> list:
     return [(n, f) for n in preset_names for f in (formats or [PRESET_FORMATS[n]])]
 
 
-def parse_backends(values, flag: str = "--backend") -> list:
+def parse_backends(values, flag: str = "--backend", allow_auto: bool = False) -> list:
     """Backend names (every qmoe backend when none is given); 'module:attr' names an object that
-    follows the backend protocol. An unknown name is an error, never an empty result."""
+    follows the backend protocol; with allow_auto, 'auto' (the per-M choice of the tuning table).
+    An unknown name is an error, never an empty result."""
     names = split(values) or list(BACKEND_NAMES)
+    known = list(BACKEND_NAMES) + (["auto"] if allow_auto else [])
     for n in names:
-        if ":" not in n and n not in BACKEND_NAMES:
-            raise ValueError(f"{flag}: expected one of {', '.join(BACKEND_NAMES)} (or module:attr), got {n!r}")
+        if ":" not in n and n not in known:
+            raise ValueError(f"{flag}: expected one of {', '.join(known)} (or module:attr), got {n!r}")
     return names
 
 

@@ -159,9 +159,12 @@ def _kernel_summary(result: dict) -> dict:
     """What a backend's tune() chose, per M: config and time against the default's."""
     out = {"gpu": result.get("gpu"), "path": result.get("path"), "buckets": {}}
     for m, b in result.get("buckets", {}).items():
-        cfg = b["config"]
+        cfg, inv = b["config"], b.get("invariant_config")
         out["buckets"][m] = {"config": getattr(cfg, "__dict__", cfg), "us": round(b["us"], 1),
                              "default_us": round(b["default_us"], 1)}
+        if b.get("invariant_us"):
+            out["buckets"][m].update(invariant_config=getattr(inv, "__dict__", inv),
+                                     invariant_us=round(b["invariant_us"], 1))
     return out
 
 

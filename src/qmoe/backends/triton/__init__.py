@@ -7,6 +7,14 @@ the codes' bits arranged per 4-byte word for the decode), made by MoEKernelWeigh
 
 Launch configurations: per M bucket from the measured tables (configs.py), else defaults;
 `runner(prepared, m)` binds the configuration once per token count, so a call costs no lookup.
+
+Batch invariance (`batch_invariant`, on by default): only configurations of one arithmetic family
+run (configs.invariant: mma.sync blocks of 16 or 32 rows, no split-K, no swap), so a token's output
+is bitwise the same whatever else is in the batch and whichever bucket's configuration runs
+(the grouping only decides which program computes a row, never the row's arithmetic). Set
+`qmoe.backends.get_backend("triton").batch_invariant = False` before building a MoE to let the
+tables use every configuration (128-row wgmma blocks for prefill; docs/performance.md has what
+invariance costs).
 Ids outside [-1, E) are dropped by the grouping and poison their token's output row with NaN
 inside the combine kernel: no host sync, no out-of-bounds access (`poisons_bad_ids`).
 """
@@ -28,6 +36,9 @@ class TritonBackend(Backend):
     tunable = True
     first_use = "Triton compiles each launch configuration on its first call (seconds; cached on disk)"
     poisons_bad_ids = True
+
+    def __init__(self, batch_invariant: bool = True):
+        self.batch_invariant = batch_invariant
 
     def format_hint(self, fmt):
         return " (use the reference backend)" if fmt == "bf16" else ""
@@ -61,17 +72,19 @@ class TritonBackend(Backend):
             weights.format, weights.w13.data, weights.w13.scales, weights.w2.data, weights.w2.scales,
             weights.w13.global_scale, weights.w2.global_scale, weights.b13, weights.b2)
         gpu = torch.cuda.get_device_name(weights.device) if weights.device.type == "cuda" else "cpu"
-        configs, notes = _configs.load_configs(gpu, weights.format, spec, _configs.USER_TABLE.path())
+        configs, notes = _configs.load_configs(gpu, weights.format, spec, _configs.USER_TABLE.path(),
+                                               batch_invariant=self.batch_invariant)
         tensors = {n: getattr(kw, n) for n in ("w13", "s13", "w2", "s2", "gs13", "gs2", "b13", "b2")
                    if getattr(kw, n) is not None}
         return Prepared(self.name, spec, weights.format, weights.device, tensors,
                         meta={"kernel_weights": kw, "gpu": gpu, "configs": configs, "config_notes": notes,
-                              "runners": {}})
+                              "runners": {}, "batch_invariant": self.batch_invariant})
 
     def config_for(self, prepared: Prepared, m: int):
         """The launch configuration used for m tokens (the table's, by the one bucket rule, else
         the default)."""
-        return _configs.config_for(prepared.meta["configs"], m, prepared.spec, prepared.format)
+        return _configs.config_for(prepared.meta["configs"], m, prepared.spec, prepared.format,
+                                   prepared.meta["batch_invariant"])
 
     def runner(self, prepared: Prepared, m: int):
         """forward for m tokens with its launch configuration bound (resolved once per m)."""

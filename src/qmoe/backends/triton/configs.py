@@ -84,25 +84,38 @@ def versions() -> dict:
     return {"triton": v["triton"], "qmoe": v["qmoe"]}
 
 
-def problem(gpu: str, fmt: str, spec) -> str:
+def invariant(cfg) -> bool:
+    """Whether a configuration belongs to the batch-invariant family: every row's K reduction is
+    the same sequence of mma.sync instructions whatever the batch (measured on an H200, bitwise:
+    16- and 32-row blocks agree; 64- and 128-row blocks use wgmma, whose rounding differs in
+    some rows; split-K adds partial sums in another order; swap puts the weight first)."""
+    return cfg.block_m <= 32 and cfg.split_k == 1 and not cfg.swap
+
+
+def problem(gpu: str, fmt: str, spec, batch_invariant: bool = False) -> str:
+    mode = "|batch-invariant" if batch_invariant else ""
     return (f"{gpu}|{fmt}|E{spec.num_experts} H{spec.hidden_size} I{spec.intermediate_size} "
-            f"k{spec.top_k}")
+            f"k{spec.top_k}{mode}")
 
 
-def load_configs(gpu: str, fmt: str, spec, user_path=None, shipped_path=SHIPPED):
+def load_configs(gpu: str, fmt: str, spec, user_path=None, shipped_path=SHIPPED, batch_invariant: bool = False):
     """({bucket: KernelConfig}, notes) for this GPU, format and shape under the installed
-    Triton and qmoe: the shipped table's entry, then the user's on top (per bucket).
+    Triton and qmoe: the shipped table's entry, then the user's on top (per bucket); with
+    batch_invariant, the entry of invariant configurations (`invariant`).
 
     notes: lines saying where the configs came from, or why a stale entry was ignored.
     Never raises: damaged tables and entries are skipped with a warning naming them.
     """
-    prob, vers = problem(gpu, fmt, spec), versions()
+    prob, vers = problem(gpu, fmt, spec, batch_invariant), versions()
     key = entry_key(prob, vers)
     configs, notes = {}, []
     for label, path in (("shipped", shipped_path), ("user", user_path)):
         entries = USER_TABLE.read(path)["entries"]
         if key in entries:
-            configs.update({int(b): kernel_config(d) for b, d in entries[key]["buckets"].items()})
+            found = {int(b): kernel_config(d) for b, d in entries[key]["buckets"].items()}
+            if batch_invariant:
+                found = {b: c for b, c in found.items() if invariant(c)}
+            configs.update(found)
             notes.append(f"{label} launch configs for buckets {sorted(int(b) for b in entries[key]['buckets'])} "
                          f"({USER_TABLE.path(path)})")
         for _, diff in stale(prob, vers, entries):
@@ -111,18 +124,18 @@ def load_configs(gpu: str, fmt: str, spec, user_path=None, shipped_path=SHIPPED)
     return configs, notes
 
 
-def config_for(configs: dict, m: int, spec, fmt: str):
+def config_for(configs: dict, m: int, spec, fmt: str, batch_invariant: bool = False):
     """The launch configuration for m tokens: the table's config of m's bucket (the one rule),
     else `default_config`."""
     if configs:
         return configs[nearest_bucket(m, configs)]
-    return default_config(m, spec.top_k, spec.num_experts, fmt)
+    return default_config(m, spec.top_k, spec.num_experts, fmt, batch_invariant)
 
 
-def write_configs(gpu: str, fmt: str, spec, buckets: dict, path=None):
+def write_configs(gpu: str, fmt: str, spec, buckets: dict, path=None, batch_invariant: bool = False):
     """Merge {bucket: KernelConfig} for (gpu, fmt, shape) under the installed versions into the
-    user's table (locked, atomic). Returns the path."""
-    key = entry_key(problem(gpu, fmt, spec), versions())
+    user's table (locked, atomic), in the batch-invariant entry when asked. Returns the path."""
+    key = entry_key(problem(gpu, fmt, spec, batch_invariant), versions())
     new = {str(int(b)): asdict(c) for b, c in buckets.items()}
 
     def change(entries):
@@ -137,29 +150,30 @@ def write_configs(gpu: str, fmt: str, spec, buckets: dict, path=None):
     return USER_TABLE.update(change, path)
 
 
-def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4"):
-    """Launch configuration when no table entry exists (measured on an H100 at gpt-oss-120b
-    shapes, docs/performance.md): 16-row blocks while experts see up to ~12 tokens (narrow
-    32-column tiles when almost every expert sees at most one token, so more programs stream
-    the few active experts), 32-row blocks up to ~48 tokens per expert, then 128-row blocks
+def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_invariant: bool = False):
+    """Launch configuration when no table entry exists (measured on an H200 at gpt-oss-120b
+    shapes, docs/performance.md): 16-row blocks while experts see up to ~12 tokens, with the
+    grouping inside the GEMMs and programmatic dependent launch while there are at most 32
+    (token, expert) slots; 32-row blocks up to ~48 tokens per expert, then 128-row blocks
     (int4 from 32 rows up with the weight as the MMA's first operand; the E2M1 formats cannot:
-    see kernels/moe.py)."""
+    see kernels/moe.py). batch_invariant: 32-row blocks beyond (`invariant`)."""
     from ...kernels.moe import KernelConfig
 
-    swap = fmt == "int4"
+    swap = fmt == "int4" and not batch_invariant
     per_expert = m * top_k / num_experts
-    if per_expert <= 0.1:
-        return KernelConfig(block_m=16, block_n1=32, block_n2=32, swap=False, num_warps=4, num_stages=3, k_unroll=4)
+    if m * top_k <= 32:
+        return KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=4,
+                            direct=True, pdl=True)
     if per_expert <= 12:
         return KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=4)
-    if per_expert <= 48:
+    if per_expert <= 48 or batch_invariant:
         return KernelConfig(block_m=32, block_n1=64, block_n2=64, swap=swap, num_warps=4, num_stages=3, k_unroll=2)
     if swap:
         return KernelConfig(block_m=128, block_n1=64, block_n2=64, swap=True, num_warps=4, num_stages=3, k_unroll=2)
     return KernelConfig(block_m=128, block_n1=128, block_n2=128, swap=False, num_warps=8, num_stages=3, k_unroll=2)
 
 
-def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4"):
+def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_invariant: bool = False):
     """Launch configurations worth timing at m tokens (a handful per regime, so that tuning three
     presets fits in minutes): decode tiles of 16 rows with the grouping inside the GEMMs and
     programmatic dependent launch, and without (the default); split-K for GEMM2 when almost every
@@ -168,12 +182,12 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4"):
     from ...kernels.moe import KernelConfig as C
 
     per_expert = m * top_k / num_experts
-    fast = dict(direct=True, pdl=True)
-    out = [default_config(m, top_k, num_experts, fmt)]
+    fast = dict(direct=True, pdl=True) if m * top_k <= 32 else {}
+    out = [default_config(m, top_k, num_experts, fmt), default_config(m, top_k, num_experts, fmt, True)]
     if per_expert <= 12:
         out += [C(16, n1, n2, False, w, 3, u, **fast)
                 for n1, n2, w, u in ((32, 32, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 2), (128, 128, 8, 2))]
-        out += [C(16, 64, 64, False, 4, 4, 4, **fast)]
+        out += [C(16, 64, 64, False, 4, 4, 4, **fast), C(16, 64, 64, False, 4, 3, 4, pdl=True)]
     if per_expert <= 0.5:  # few active experts: GEMM2 as two half-K programs per tile
         out += [C(16, 32, 32, False, 4, 3, 4, split_k=2, **fast), C(16, 64, 64, False, 4, 3, 4, split_k=2, **fast)]
     if 2 <= per_expert <= 64:
@@ -183,11 +197,13 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4"):
             out += [C(32, 64, 64, True, 4, 3, 2), C(64, 64, 64, True, 4, 3, 2)]
     if per_expert >= 16:
         out += [C(128, 128, 128, False, 8, 3, 2), C(128, 64, 128, False, 4, 3, 2), C(128, 128, 64, False, 8, 3, 2),
-                C(64, 128, 128, False, 8, 3, 2), C(128, 128, 128, False, 8, 4, 1)]
+                C(64, 128, 128, False, 8, 3, 2), C(32, 128, 128, False, 8, 3, 2), C(32, 64, 128, False, 4, 3, 4),
+                C(32, 128, 64, False, 4, 3, 2)]
         if fmt == "int4":
             out += [C(128, 64, 64, True, 4, 3, 2), C(128, 128, 128, True, 8, 3, 2)]
-    return list(dict.fromkeys(out))
+    out = list(dict.fromkeys(out))
+    return [c for c in out if invariant(c)] if batch_invariant else out
 
 
-__all__ = ["ENV_VAR", "SHIPPED", "USER_TABLE", "candidates", "config_for", "default_config", "kernel_config",
+__all__ = ["ENV_VAR", "SHIPPED", "USER_TABLE", "candidates", "config_for", "default_config", "invariant", "kernel_config",
            "load_configs", "padded_sizes", "validate_entry", "versions", "write_configs"]

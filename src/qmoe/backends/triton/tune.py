@@ -23,7 +23,11 @@ def tune(backend, spec, fmt: str, ms, device, progress=None, weights=None, reps:
     write: merge the winners into the user's config table (`path`, default its usual place).
     Each candidate's output is compared with the default configuration's (relative difference
     <= 1e-2, every element written) before it may win.
-    Returns {"gpu", "problem", "buckets": {m: {"config", "us", "default_us", "tried"}}, "path"}.
+    Two winners per M are kept: the fastest configuration, and the fastest of the batch-invariant
+    family (configs.invariant); both go into the user's table (the latter in the batch-invariant
+    entry), so either mode of the backend runs its own best.
+    Returns {"gpu", "problem", "buckets": {m: {"config", "us", "default_us", "invariant_config",
+    "invariant_us", "tried"}}, "path"}.
     """
     from ...kernels.moe import MoEKernelWeights  # noqa: F401  (fails early without triton)
     from ...routing import route
@@ -54,7 +58,7 @@ def tune(backend, spec, fmt: str, ms, device, progress=None, weights=None, reps:
         base_cfg = _configs.default_config(m, spec.top_k, spec.num_experts, fmt)
         base = backend.forward(prep, x, ids, w, torch.empty(m, spec.hidden_size, dtype=torch.bfloat16,
                                                             device=device), config=base_cfg)
-        best, tried = None, []
+        best, best_inv, tried = None, None, []
         for cfg in cands:
             out = torch.full_like(base, float("nan"))
             entry = {"config": asdict(cfg)}
@@ -68,6 +72,8 @@ def tune(backend, spec, fmt: str, ms, device, progress=None, weights=None, reps:
                                           device=device, warmup=warmup, reps=reps)["median_us"]
                     if best is None or entry["us"] < best[1]:
                         best = (cfg, entry["us"])
+                    if _configs.invariant(cfg) and (best_inv is None or entry["us"] < best_inv[1]):
+                        best_inv = (cfg, entry["us"])
             except Exception as e:  # e.g. out of shared memory for a large tile: skip it
                 entry["rejected"] = f"{type(e).__name__}: {str(e)[:200]}"
             tried.append(entry)
@@ -77,10 +83,14 @@ def tune(backend, spec, fmt: str, ms, device, progress=None, weights=None, reps:
         default_us = measure(lambda: backend.forward(prep, x, ids, w, base, config=base_cfg),
                              device=device, warmup=warmup, reps=reps)["median_us"]
         if best is not None:
-            result["buckets"][m] = {"config": best[0], "us": best[1], "default_us": default_us, "tried": tried}
+            result["buckets"][m] = {"config": best[0], "us": best[1], "default_us": default_us, "tried": tried,
+                                    "invariant_config": best_inv[0] if best_inv else None,
+                                    "invariant_us": best_inv[1] if best_inv else None}
     if write and result["buckets"]:
-        result["path"] = str(_configs.write_configs(result["gpu"], fmt, spec,
-                                                    {m: v["config"] for m, v in result["buckets"].items()}, path))
+        b = result["buckets"]
+        _configs.write_configs(result["gpu"], fmt, spec, {m: v["config"] for m, v in b.items()}, path)
+        inv = {m: v["invariant_config"] for m, v in b.items() if v["invariant_config"] is not None}
+        result["path"] = str(_configs.write_configs(result["gpu"], fmt, spec, inv, path, batch_invariant=True))
     return result
 
 
