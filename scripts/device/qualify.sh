@@ -52,18 +52,22 @@ step() {
       timeout ${T_PROBE:-240} python3 scripts/device/probe.py --presets "$PRESETS" > "$OUT/probe.log" 2>&1
       echo "probe rc=$?"; tail -45 "$OUT/probe.log" ;;
     bench)
-      timeout ${T_BENCH:-300} python3 -m qmoe bench --preset "$PRESETS" --backend "$BACKENDS" --tokens "$TOKENS" \
-        --reps ${REPS:-20} --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+      timeout ${T_BENCH:-300} python3 -m qmoe bench --preset "$PRESETS" --backend "$BACKENDS${BENCH_EXTRA:-}" \
+        --tokens "$TOKENS" --reps ${REPS:-20} ${BENCH_FLAGS:-} --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
       echo "bench rc=$?"; grep -v "^qmoe bench \[" "$OUT/bench.log" | tail -60 ;;
     tune)
       timeout ${T_TUNE:-420} python3 -m qmoe tune --preset "$PRESETS" --backend "$BACKENDS" --tokens "$TOKENS" \
-        --kernels --reps ${REPS:-20} > "$OUT/tune.log" 2>&1
+        ${TUNE_KERNELS---kernels} --reps ${REPS:-20} > "$OUT/tune.log" 2>&1
       echo "tune rc=$?"; tail -30 "$OUT/tune.log" ;;
     check)
       timeout ${T_CHECK:-300} python3 -m qmoe check --preset "$PRESETS" --backend "$BACKENDS" \
         --tokens ${CHECK_TOKENS:-0,1,3,64,1024} --json "$OUT/check.json" > "$OUT/check.log" 2>&1
       echo "check rc=$?"; grep -E "^(FAIL|CRASH|TIMEOUT)" "$OUT/check.log" | head -12; tail -22 "$OUT/check.log" ;;
-    *) echo "usage: qualify.sh tests|probe|bench|tune|check ..." >&2; exit 2 ;;
+    parallel)
+      timeout ${T_PARALLEL:-120} python3 scripts/device/parallel_check.py --presets ${PAR_PRESETS:-gpt-oss-120b} \
+        > "$OUT/parallel.log" 2>&1
+      echo "parallel rc=$?"; tail -16 "$OUT/parallel.log" ;;
+    *) echo "usage: qualify.sh tests|probe|bench|tune|check|parallel ..." >&2; exit 2 ;;
   esac
 }
 for s in "$@"; do

@@ -365,22 +365,31 @@ def test_patched_model_under_a_cuda_graph(num_tokens):
         twin = dequantized_twin(original, model, replaced)
         want = twin(ids, use_cache=False).logits.float()
         del original, twin
+        # the causal mask made before capture: transformers' eager mask makes a scalar CUDA tensor
+        # from the host (torch.tensor(0.0, device=...)), which a CUDA-graph capture refuses; a 4-D
+        # mask given by the caller is used as it is
+        causal = torch.full((num_tokens, num_tokens), float("-inf"), device="cuda").triu(1)
+        mask = causal.to(torch.bfloat16)[None, None]
+
+        def forward():
+            return model(ids, attention_mask=mask, use_cache=False)
+
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: compiles the kernels of this token count
             for _ in range(2):
-                model(ids, use_cache=False)
+                forward()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static = model(ids, use_cache=False).logits
+            static = forward().logits
         graph.replay()
         torch.cuda.synchronize()
-        eager = model(ids, use_cache=False).logits
+        eager = forward().logits
         assert rel(static.float(), eager.float()) < 1e-3  # the replay computes what eager does
         err = rel(static.float(), want)
         t_graph = _time(graph.replay)
-        t_eager = _time(lambda: model(ids, use_cache=False))
+        t_eager = _time(forward)
     layer = model.model.layers[0].mlp.moe
     print(f"\ngpt-oss-20b shapes, 2 layers, M={num_tokens}: unpatched eager {t_unpatched:.0f} us, patched "
           f"eager {t_eager:.0f} us, patched CUDA graph {t_graph:.0f} us per forward; "

@@ -195,12 +195,14 @@ def run(args) -> int:
                                              seed=args.seed, kernels=args.kernels, steps=steps)
             entries[key] = entry
             kernel_lines += lines
+            tuning.write_entries({key: entry}, path)  # each problem as it is measured: nothing lost
+            for line in lines:
+                steps.note(line)
             _free(device)
     for line in kernel_lines:
         console.print(line, highlight=False, soft_wrap=True, markup=False)
     for key, entry in entries.items():
         _print_entry(console, entry)
-    path = tuning.write_entries(entries, path)
     console.print(f"merged {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} into {path}",
                   highlight=False, soft_wrap=True, markup=False)
     return 0 if any(e["times_us"] for e in entries.values()) else 1
