@@ -45,6 +45,22 @@ def random_weights(spec: qmoe.MoESpec, fmt="mxfp4", seed=0, bias=None) -> qmoe.E
     return qmoe.ExpertWeights.from_float(w13, w2, fmt, b13, b2)
 
 
+def moe_inputs(spec, M, seed=0):
+    """x [M, H] bf16, topk_ids [M, k] int32 (distinct experts), topk_weights [M, k] fp32 (softmax)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, spec.hidden_size, generator=g).to(torch.bfloat16)
+    ids = torch.rand(M, spec.num_experts, generator=g).topk(spec.top_k, dim=1).indices.to(torch.int32)
+    w = torch.softmax(torch.randn(M, spec.top_k, generator=g), dim=1)
+    return x, ids, w
+
+
+def rel_err(out, spec, weights, x, ids, w, shared=None):
+    """||out - ref|| / ||ref|| against the float64 reference on the dequantized weights."""
+    from qmoe.backends.reference import reference_moe, relative_error
+
+    return relative_error(out, reference_moe(spec, weights, x, ids, w, shared_output=shared, dtype=torch.float64))
+
+
 @pytest.fixture
 def spec():
     return small_spec()

@@ -24,7 +24,7 @@ import torch
 
 import qmoe
 import qmoe.backends.humming as hb
-from conftest import random_weights, small_spec
+from conftest import moe_inputs, random_weights, rel_err, small_spec
 from qmoe.backends.reference import reference_moe, swiglu
 from qmoe.backends.humming import BACKEND
 
@@ -74,19 +74,6 @@ def fake(on_sm90):
         import humming._fake
 
         yield humming._fake.STATE
-
-
-def moe_inputs(spec, M, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, spec.hidden_size, generator=g).to(torch.bfloat16)
-    ids = torch.rand(M, spec.num_experts, generator=g).topk(spec.top_k, dim=1).indices.to(torch.int32)
-    w = torch.softmax(torch.randn(M, spec.top_k, generator=g), dim=1)
-    return x, ids, w
-
-
-def rel_err(out, spec, weights, x, ids, w, shared=None):
-    ref = reference_moe(spec, weights, x, ids, w, shared_output=shared)
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def run(spec, weights, prepared, M, seed=0, ids=None, out_dtype=torch.bfloat16, x_dtype=torch.bfloat16):

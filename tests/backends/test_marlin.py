@@ -11,7 +11,7 @@ import torch
 
 import qmoe
 import vllm_moe_fake as vf
-from conftest import random_weights, small_spec
+from conftest import moe_inputs, random_weights, rel_err, small_spec
 from qmoe.backends import _vllm_ops
 from qmoe.backends import marlin
 from qmoe.backends.marlin import BACKEND, MarlinBackend
@@ -36,19 +36,6 @@ def fake(monkeypatch):
 @pytest.fixture(scope="module", params=FORMATS)
 def fmt_weights(request):
     return request.param, random_weights(SPEC, request.param, seed=1)
-
-
-def moe_inputs(spec, M, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, spec.hidden_size, generator=g).to(torch.bfloat16)
-    ids = torch.rand(M, spec.num_experts, generator=g).topk(spec.top_k, dim=1).indices.to(torch.int32)
-    w = torch.softmax(torch.randn(M, spec.top_k, generator=g), dim=1)
-    return x, ids, w
-
-
-def rel_err(out, spec, weights, x, ids, w, shared=None):
-    ref = reference_moe(spec, weights, x, ids, w, shared_output=shared, dtype=torch.float64)
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def run(spec, weights, M=6, seed=0, backend=BACKEND):
@@ -589,8 +576,7 @@ def test_on_gpu(name, fmt, like_vllm):
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     assert seconds < 30, f"{name}: prepare took {seconds:.1f} s"
-    m = prepared.meta
-    I, Ip, H = spec.intermediate_size, m["intermediate_padded"], spec.hidden_size
+    I, H = spec.intermediate_size, spec.hidden_size
     few = [0, spec.num_experts - 1]  # the prepared bytes invert to the canonical ones
     back = marlin.unpad_parts(marlin.unpad_parts(marlin.marlin_untiles(prepared.tensors["w13"][few]), 1, I, 2),
                               2, H // 2)

@@ -299,9 +299,23 @@ def test_direct_grouping_poisons_bad_ids_too():
 
 
 # --- batch invariance: a token's row does not depend on the batch it is in -------------------------
+@pytest.fixture
+def batch_invariant():
+    """The triton backend switched to batch invariance for one test (the switch is off by default)."""
+    b = get_backend("triton")
+    before, b.batch_invariant = b.batch_invariant, True
+    yield
+    b.batch_invariant = before
+
+
+def test_batch_invariance_is_a_switch_off_by_default():
+    assert get_backend("triton").batch_invariant is False
+
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_rows_of_a_batch_equal_the_same_tokens_alone(fmt):
-    """Through MoE with the default (batch-invariant) triton backend: the configurations chosen
+def test_rows_of_a_batch_equal_the_same_tokens_alone(fmt, batch_invariant):
+    """Through MoE with the triton backend switched to batch invariance: the configurations chosen
     for 1, 3, 16 and 64 tokens differ (direct 16-row blocks, grouped 16- and 32-row blocks), yet
     every row is bitwise the same."""
     spec, w = make(8, 2, 64, 96, fmt, seed=21)
@@ -320,9 +334,9 @@ def test_rows_of_a_batch_equal_the_same_tokens_alone(fmt):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,fmt", [("gpt-oss-120b", "mxfp4"), ("kimi-k2.5", "int4"), ("qwen3-30b-a3b", "nvfp4")])
-def test_batch_invariance_on_gpu(name, fmt):
+def test_batch_invariance_on_gpu(name, fmt, batch_invariant):
     """Prefixes of 4096 tokens at M in {1, 2, 3, 4, 8, 16, 64, 256, 1024, 4096}: every row equal,
-    bitwise, to the same token in the batch of 4096 (issue 12)."""
+    bitwise, to the same token in the batch of 4096 (issue 12), with the switch on."""
     spec = qmoe.presets[name]
     w = random_weights(spec, fmt, "cuda")
     moe = qmoe.MoE(spec, w, backend="triton")

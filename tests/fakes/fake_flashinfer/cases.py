@@ -2,22 +2,7 @@
 
 import torch
 
-from qmoe.backends.reference import reference_moe
-
-
-def moe_inputs(spec, M, seed=0):
-    """x [M, H] bf16, topk_ids [M, k] int32 (distinct experts), topk_weights [M, k] fp32 (softmax)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, spec.hidden_size, generator=g).to(torch.bfloat16)
-    ids = torch.rand(M, spec.num_experts, generator=g).topk(spec.top_k, dim=1).indices.to(torch.int32)
-    w = torch.softmax(torch.randn(M, spec.top_k, generator=g), dim=1)
-    return x, ids, w
-
-
-def rel_err(out, spec, weights, x, ids, w, shared=None):
-    """||out - ref|| / ||ref|| against the float64 reference on the dequantized weights."""
-    ref = reference_moe(spec, weights, x, ids, w, shared_output=shared, dtype=torch.float64)
-    return ((out.double() - ref).norm() / ref.norm()).item()
+from conftest import moe_inputs, rel_err  # noqa: F401  (the tests import both from here)
 
 
 def run(backend, spec, weights, M=6, seed=0, prepared=None):

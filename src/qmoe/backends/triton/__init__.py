@@ -8,13 +8,17 @@ the codes' bits arranged per 4-byte word for the decode), made by MoEKernelWeigh
 Launch configurations: per M bucket from the measured tables (configs.py), else defaults;
 `runner(prepared, m)` binds the configuration once per token count, so a call costs no lookup.
 
-Batch invariance (`batch_invariant`, on by default): only configurations of one arithmetic family
-run (configs.invariant: mma.sync blocks of 16 or 32 rows, no split-K, no swap), so a token's output
-is bitwise the same whatever else is in the batch and whichever bucket's configuration runs
-(the grouping only decides which program computes a row, never the row's arithmetic). Set
-`qmoe.backends.get_backend("triton").batch_invariant = False` before building a MoE to let the
-tables use every configuration (128-row wgmma blocks for prefill; docs/performance.md has what
-invariance costs).
+Batch invariance (`batch_invariant`, a switch, off by default): only configurations of one
+arithmetic family run (configs.invariant: mma.sync blocks of 16 or 32 rows, no split-K, no swap),
+so a token's output is bitwise the same whatever else is in the batch and whichever bucket's
+configuration runs (the grouping only decides which program computes a row, never the row's
+arithmetic; measured at 4096-token prefixes for mxfp4, int4 and nvfp4 on an H200). It costs
+nothing at decode but keeps prefill off the 128-row wgmma tiles (gpt-oss-120b: about 1.2-1.3x
+slower at M >= 4096, docs/performance.md), more than the 3% that would make it the default.
+Switch it on before building a MoE:
+
+    qmoe.backends.get_backend("triton").batch_invariant = True
+    moe = qmoe.MoE(spec, weights, backend="triton")   # its plan reads the invariant table
 Ids outside [-1, E) are dropped by the grouping and poison their token's output row with NaN
 inside the combine kernel: no host sync, no out-of-bounds access (`poisons_bad_ids`).
 """
@@ -37,7 +41,7 @@ class TritonBackend(Backend):
     first_use = "Triton compiles each launch configuration on its first call (seconds; cached on disk)"
     poisons_bad_ids = True
 
-    def __init__(self, batch_invariant: bool = True):
+    def __init__(self, batch_invariant: bool = False):
         self.batch_invariant = batch_invariant
 
     def format_hint(self, fmt):
