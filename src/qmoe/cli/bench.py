@@ -132,13 +132,17 @@ def run_bench(problems, tokens, backends, *, device, reps=50, check=True, ref_ma
         weights = random_weights(spec, fmt, device, seed)
         say(f"{pname} {fmt}: weights ready in {time.time() - t0:.1f} s ({weights.nbytes / 2**30:.2f} GiB)")
         moes = {}
+
+        def skip(name, why, short):  # a backend that cannot run here: reported, the others still run
+            say(f"  {name}: {why}")
+            res["cells"].append({"preset": pname, "format": fmt, "backend": name, "skipped": why})
+            if steps is not None:
+                steps.advance(f"{pname} {fmt} {name}: {short}", len(tokens))
+
         for name in backends:
             b, why = probe(name, spec, fmt, device) if name != "auto" else (_Auto(), "")
             if b is None:
-                say(f"  {name}: not usable: {why}")
-                res["cells"].append({"preset": pname, "format": fmt, "backend": name, "skipped": why})
-                if steps is not None:
-                    steps.advance(f"{pname} {fmt} {name}: not usable", len(tokens))
+                skip(name, f"not usable: {why}", "not usable")
                 continue
             t1 = time.time()
             try:
@@ -148,11 +152,7 @@ def run_bench(problems, tokens, backends, *, device, reps=50, check=True, ref_ma
                     cell_note = "; ".join(moes[name][1].explain(m).splitlines()[0] for m in tokens)
                     say(f"  auto: {cell_note}")
             except Exception as e:  # a backend that fails to prepare is reported, the others still run
-                why = f"prepare failed: {type(e).__name__}: {e}"
-                say(f"  {name}: {why}")
-                res["cells"].append({"preset": pname, "format": fmt, "backend": name, "skipped": why})
-                if steps is not None:
-                    steps.advance(f"{pname} {fmt} {name}: prepare failed", len(tokens))
+                skip(name, f"prepare failed: {type(e).__name__}: {e}", "prepare failed")
                 continue
             say(f"  {name}: prepared in {time.time() - t1:.1f} s")
         for M in tokens:
