@@ -170,21 +170,8 @@ def save_compressed_tensors(path, layers) -> None:
     layers: {prefix: int4 ExpertWeights without biases}, prefix as in load_compressed_tensors.
     weight_shape is stored as int64.
     """
-    from safetensors.torch import save_file
-
-    from . import ExpertWeights
-
-    if not isinstance(layers, dict) or not layers:
-        raise ValueError(f"layers: expected {{prefix: ExpertWeights}}, got {type(layers).__name__}")
     tensors = {}
-    for prefix, w in layers.items():
-        if not isinstance(prefix, str) or not prefix:
-            raise ValueError(f"layers: keys must be the experts' module names, got {prefix!r}")
-        if not isinstance(w, ExpertWeights) or w.format != "int4" or w.has_bias:
-            got = f"{w.format} weights{' with biases' if w.has_bias else ''}" if isinstance(w, ExpertWeights) \
-                else type(w).__name__
-            raise ValueError(f"layers[{prefix!r}]: compressed-tensors pack-quantized holds int4 ExpertWeights "
-                             f"without biases, got {got}")
+    for prefix, w in _checked_layers(layers, "int4", "compressed-tensors pack-quantized"):
         I, H = w.intermediate_size, w.hidden_size
         for e in range(w.num_experts):
             mats = {"gate_proj": (w.w13.data[e, :I], w.w13.scales[e, :I], (I, H)),
@@ -195,6 +182,30 @@ def save_compressed_tensors(path, layers) -> None:
                 tensors[p + ".weight_packed"] = to_pack_quantized(data.cpu())
                 tensors[p + ".weight_scale"] = scales.cpu().clone()
                 tensors[p + ".weight_shape"] = torch.tensor(shape, dtype=torch.int64)
+    _save_safetensors(tensors, path)
+
+
+def _checked_layers(layers, fmt: str, layout: str):
+    """The (prefix, ExpertWeights) pairs of a save_* `layers` argument, each checked to be `fmt`
+    weights without biases (the only kind `layout` holds); a clear ValueError otherwise."""
+    from . import ExpertWeights
+
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"layers: expected {{prefix: ExpertWeights}}, got {type(layers).__name__}")
+    for prefix, w in layers.items():
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"layers: keys must be the experts' module names, got {prefix!r}")
+        if not isinstance(w, ExpertWeights) or w.format != fmt or w.has_bias:
+            got = f"{w.format} weights{' with biases' if w.has_bias else ''}" if isinstance(w, ExpertWeights) \
+                else type(w).__name__
+            raise ValueError(f"layers[{prefix!r}]: {layout} holds {fmt} ExpertWeights without biases, got {got}")
+    return list(layers.items())
+
+
+def _save_safetensors(tensors: dict, path) -> None:
+    """Write `tensors` to `path`: a .safetensors file, or a folder (created; written as model.safetensors)."""
+    from safetensors.torch import save_file
+
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         os.makedirs(path, exist_ok=True)

@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..formats import QuantizedTensor
-from .compressed_tensors import PROJECTIONS, _Tensors
+from .compressed_tensors import (
+    PROJECTIONS,
+    _checked_layers,
+    _save_safetensors,
+    _Tensors,
+)
 
 if TYPE_CHECKING:  # a runtime import would be circular: weights/__init__ imports this module
     from . import ExpertWeights
@@ -96,21 +101,8 @@ def save_modelopt_nvfp4(path, layers) -> None:
     fp32 tensor, the same for gate_proj and up_proj (w13's global scale); input_scale is not
     written (qmoe runs W4A16).
     """
-    from safetensors.torch import save_file
-
-    from . import ExpertWeights
-
-    if not isinstance(layers, dict) or not layers:
-        raise ValueError(f"layers: expected {{prefix: ExpertWeights}}, got {type(layers).__name__}")
     tensors = {}
-    for prefix, w in layers.items():
-        if not isinstance(prefix, str) or not prefix:
-            raise ValueError(f"layers: keys must be the experts' module names, got {prefix!r}")
-        if not isinstance(w, ExpertWeights) or w.format != "nvfp4" or w.has_bias:
-            got = f"{w.format} weights{' with biases' if w.has_bias else ''}" if isinstance(w, ExpertWeights) \
-                else type(w).__name__
-            raise ValueError(f"layers[{prefix!r}]: ModelOpt NVFP4 holds nvfp4 ExpertWeights without biases, "
-                             f"got {got}")
+    for prefix, w in _checked_layers(layers, "nvfp4", "ModelOpt NVFP4"):
         I = w.intermediate_size
         for e in range(w.num_experts):
             mats = {"gate_proj": (w.w13, slice(0, I), e), "up_proj": (w.w13, slice(I, 2 * I), e),
@@ -120,11 +112,7 @@ def save_modelopt_nvfp4(path, layers) -> None:
                 tensors[p + ".weight"] = q.data[i, rows].cpu().clone()
                 tensors[p + ".weight_scale"] = q.scales[i, rows].cpu().clone()
                 tensors[p + ".weight_scale_2"] = q.global_scale[i].cpu().float().reshape(()).clone()
-    path = os.fspath(path)
-    if not path.endswith(".safetensors"):
-        os.makedirs(path, exist_ok=True)
-        path = os.path.join(path, "model.safetensors")
-    save_file(tensors, path)
+    _save_safetensors(tensors, path)
 
 
 __all__ = ["BLOCK", "load_modelopt_nvfp4", "save_modelopt_nvfp4"]
