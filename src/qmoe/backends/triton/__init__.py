@@ -96,10 +96,9 @@ class TritonBackend(Backend):
         if run is None:
             cfg = self.config_for(prepared, m)
             kw, act = prepared.meta["kernel_weights"], prepared.spec.activation
+            from ...kernels.moe import fused_moe  # imported once per m, not on every call
 
             def run(x, topk_ids, topk_weights, out, shared_output=None):
-                from ...kernels.moe import fused_moe
-
                 return fused_moe(x, topk_ids, topk_weights, kw, act.alpha, act.beta, act.limit, cfg, out,
                                  shared_output)
 
