@@ -138,18 +138,13 @@ def load_compressed_tensors(path, prefix: str) -> "ExpertWeights":
     """
     from . import ExpertWeights
 
-    if not isinstance(prefix, str) or not prefix:
-        raise ValueError(f"prefix: expected the experts' module name (e.g. 'model.layers.3.mlp.experts'), "
-                         f"got {prefix!r}")
-    r = _Tensors(os.fspath(path))
+    r = _open_experts(path, prefix)
     E = r.experts(prefix, "gate_proj.weight_packed")
     gate, up, down = [], [], []
     for e in range(E):
         g, u, d = (_read_matrix(r, f"{prefix}.{e}.{proj}") for proj in PROJECTIONS)
         (I, H), (Iu, Hu), (Hd, Id) = g[2], u[2], d[2]
-        if (Iu, Hu) != (I, H) or (Hd, Id) != (H, I):
-            raise ValueError(f"checkpoint: expert {e} of {prefix}: gate_proj [{I}, {H}], up_proj [{Iu}, {Hu}] and "
-                             f"down_proj [{Hd}, {Id}] do not make one expert (expected [I, H], [I, H], [H, I])")
+        _check_one_expert(prefix, e, (I, H), (Iu, Hu), (Hd, Id))
         if e and (I, H) != gate[0][2]:
             raise ValueError(f"checkpoint: tensor {prefix}.{e}.gate_proj.weight_shape: [{I}, {H}], expert 0 has "
                              f"{list(gate[0][2])}")
@@ -183,6 +178,22 @@ def save_compressed_tensors(path, layers) -> None:
                 tensors[p + ".weight_scale"] = scales.cpu().clone()
                 tensors[p + ".weight_shape"] = torch.tensor(shape, dtype=torch.int64)
     _save_safetensors(tensors, path)
+
+
+def _open_experts(path, prefix) -> _Tensors:
+    """The checkpoint at `path` opened for reading the experts under `prefix` (checked to be a module name)."""
+    if not isinstance(prefix, str) or not prefix:
+        raise ValueError(f"prefix: expected the experts' module name (e.g. 'model.layers.3.mlp.experts'), "
+                         f"got {prefix!r}")
+    return _Tensors(os.fspath(path))
+
+
+def _check_one_expert(prefix: str, e: int, gate, up, down) -> None:
+    """gate, up: [I, H] and down: [H, I] (logical shapes) must make one expert; a clear ValueError otherwise."""
+    (I, H), (Iu, Hu), (Hd, Id) = gate, up, down
+    if (Iu, Hu) != (I, H) or (Hd, Id) != (H, I):
+        raise ValueError(f"checkpoint: expert {e} of {prefix}: gate_proj [{I}, {H}], up_proj [{Iu}, {Hu}] and "
+                         f"down_proj [{Hd}, {Id}] do not make one expert (expected [I, H], [I, H], [H, I])")
 
 
 def _checked_layers(layers, fmt: str, layout: str):

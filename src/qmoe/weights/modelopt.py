@@ -15,7 +15,6 @@ way; vLLM takes the gate's and warns otherwise); different ones are refused by n
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,7 +22,9 @@ import torch
 from ..formats import QuantizedTensor
 from .compressed_tensors import (
     PROJECTIONS,
+    _check_one_expert,
     _checked_layers,
+    _open_experts,
     _save_safetensors,
     _Tensors,
 )
@@ -65,18 +66,13 @@ def load_modelopt_nvfp4(path, prefix: str) -> "ExpertWeights":
     """
     from . import ExpertWeights
 
-    if not isinstance(prefix, str) or not prefix:
-        raise ValueError(f"prefix: expected the experts' module name (e.g. 'model.layers.3.mlp.experts'), "
-                         f"got {prefix!r}")
-    r = _Tensors(os.fspath(path))
+    r = _open_experts(path, prefix)
     E = r.experts(prefix, "gate_proj.weight")
     d13, s13, g13, d2, s2, g2 = [], [], [], [], [], []
     for e in range(E):
         g, u, d = (_read_matrix(r, f"{prefix}.{e}.{proj}") for proj in PROJECTIONS)
         (I, H), (Iu, Hu), (Hd, Id) = g[3], u[3], d[3]
-        if (Iu, Hu) != (I, H) or (Hd, Id) != (H, I):
-            raise ValueError(f"checkpoint: expert {e} of {prefix}: gate_proj [{I}, {H}], up_proj [{Iu}, {Hu}] and "
-                             f"down_proj [{Hd}, {Id}] do not make one expert (expected [I, H], [I, H], [H, I])")
+        _check_one_expert(prefix, e, (I, H), (Iu, Hu), (Hd, Id))
         if e and (I, H) != (d13[0].shape[0] // 2, 2 * d13[0].shape[1]):
             raise ValueError(f"checkpoint: tensor {prefix}.{e}.gate_proj.weight: shape [{I}, {H // 2}] differs "
                              f"from expert 0's")
