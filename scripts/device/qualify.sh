@@ -6,6 +6,8 @@
 #   bash scripts/device/qualify.sh bench    # qmoe bench: every backend, three presets, same inputs
 #   bash scripts/device/qualify.sh tune     # qmoe tune --kernels, then the backend table
 #   bash scripts/device/qualify.sh check    # qmoe check of every usable backend
+#   bash scripts/device/qualify.sh models   # a patched HF model under a CUDA graph: time per forward
+#   bash scripts/device/qualify.sh parallel # EP / TP groups of one (NCCL) against plain qmoe.MoE
 #   bash scripts/device/qualify.sh a b ...  # several steps in one call
 #
 # The peers come from the git-ignored .peers/ folder (carry it): triton_kernels (vLLM's vendored
@@ -63,11 +65,15 @@ step() {
       timeout ${T_CHECK:-300} python3 -m qmoe check --preset "$PRESETS" --backend "$BACKENDS" \
         --tokens ${CHECK_TOKENS:-0,1,3,64,1024} --json "$OUT/check.json" > "$OUT/check.log" 2>&1
       echo "check rc=$?"; grep -E "^(FAIL|CRASH|TIMEOUT)" "$OUT/check.log" | head -12; tail -22 "$OUT/check.log" ;;
+    models)
+      timeout ${T_MODELS:-240} python3 -m pytest -q -s -m gpu --timeout 230 -p no:cacheprovider -rfEs --tb=short \
+        tests/integrations/test_transformers.py -k "cuda_graph or fullgraph_on_the_gpu" > "$OUT/models.log" 2>&1
+      echo "models rc=$?"; grep -E "per forward|passed|failed|^(FAILED|ERROR)" "$OUT/models.log" | tail -8 ;;
     parallel)
       timeout ${T_PARALLEL:-120} python3 scripts/device/parallel_check.py --presets ${PAR_PRESETS:-gpt-oss-120b} \
         > "$OUT/parallel.log" 2>&1
       echo "parallel rc=$?"; tail -16 "$OUT/parallel.log" ;;
-    *) echo "usage: qualify.sh tests|probe|bench|tune|check|parallel ..." >&2; exit 2 ;;
+    *) echo "usage: qualify.sh tests|probe|bench|tune|check|models|parallel ..." >&2; exit 2 ;;
   esac
 }
 for s in "$@"; do

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import make_plan
+from .dispatch import make_plan, run_poisoning
 from .parallel import ParallelPlan, experts_batched
 from .routing import check_inputs, route
 from .spec import MoESpec
@@ -153,12 +153,9 @@ class MoE:
         guard = not backend.poisons_bad_ids and (
             self.check_ids is True or (self.check_ids == "raise" and _capturing(x.device)))
         if guard:  # device-side: bad ids become -1 for the backend, and their rows NaN after
-            E = self.spec.num_experts
-            bad = (topk_ids < -1) | (topk_ids >= E)
-            topk_ids = torch.where(bad, -1, topk_ids)
+            return run_poisoning(run, self.spec.num_experts, x.contiguous(), topk_ids, topk_weights, out,
+                                 shared_output)
         run(x.contiguous(), topk_ids, topk_weights, out, shared_output)
-        if guard:
-            out.masked_fill_(bad.any(dim=1, keepdim=True), float("nan"))
         return out
 
     def experts_batched(self, x: torch.Tensor, counts: torch.Tensor, out: torch.Tensor | None = None):

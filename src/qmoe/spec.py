@@ -80,6 +80,8 @@ class MoESpec:
       h = x @ w13[e].T (+ b13[e]);  gate, up = h[:I], h[I:]
       a = activation(gate, up);     y = a @ w2[e].T (+ b2[e])
     and the layer output is sum over the k chosen experts of topk_weight * y.
+    top_k may exceed num_experts in a spec that is only given ids (an expert-parallel rank's
+    local spec: its rows keep all k slots); routing needs top_k <= num_experts.
     """
 
     num_experts: int
@@ -104,8 +106,6 @@ class MoESpec:
             raise ValueError(f"MoESpec.bias: expected True or False, got {self.bias!r}")
         if not isinstance(self.name, str):
             raise ValueError(f"MoESpec.name: expected a string, got {self.name!r}")
-        if self.top_k > self.num_experts:
-            raise ValueError(f"MoESpec.top_k: expected <= num_experts ({self.num_experts}), got {self.top_k}")
         if self.num_experts % self.routing.n_group:
             raise ValueError(f"MoESpec: num_experts ({self.num_experts}) must be a multiple of "
                              f"routing.n_group ({self.routing.n_group})")

@@ -15,8 +15,8 @@ the single-process one. "Equal" means:
 - bitwise on exact data (`exact_layer`): values chosen so that every product, sum and rounding
   on the way is exact in float32 and bf16, so any order of summation gives the same bits: this
   checks the routing of every row bitwise, on any backend;
-- within rounding on random data: EP adds one rounding to x's dtype per slot (the slot outputs
-  travel in x's dtype), TP one per rank (the partial outputs), so bf16 results agree to a few
+- within rounding on random data: EP and TP add one rounding to x's dtype per rank (the partial
+  outputs travel in x's dtype), so bf16 results agree to a few
   parts in 1e3 and float32 results to ~1e-6 (the reference backend's CPU GEMM is not batch
   invariant: its rows change in the last bits with the number of rows an expert gets, which EP
   changes; so EP is not bitwise on random data even with the reference backend).
@@ -293,7 +293,7 @@ def c_ep_e10_uneven(ctx):  # 3, 3, 2, 2 experts over 4 ranks (5, 5 over 2)
     plan = ParallelPlan(spec, random_weights(spec), "reference", ep_group=ctx.group)
     want = [(0, 3), (3, 3), (6, 2), (8, 2)] if ctx.world == 4 else [(0, 5), (5, 5)]
     assert plan.experts == want[ctx.rank], (plan.experts, want[ctx.rank])
-    assert plan.local_spec.num_experts == want[ctx.rank][1] and plan.local_spec.top_k == 1
+    assert plan.local_spec.num_experts == want[ctx.rank][1] and plan.local_spec.top_k == spec.top_k
     ep_case(ctx, spec, random_weights(spec), [7, 1, 4, 2][:ctx.world])
 
 
@@ -357,6 +357,12 @@ def c_ep_repeat(ctx):  # the same call twice: bitwise the same
 def c_ep_alone(ctx):  # an EP group of one: the same code path, no collective
     spec = spec_of(8, 2)
     ep_case(ctx, spec, random_weights(spec), [5] * ctx.world, group=ctx.alone)
+    # its fixed transport computes the plain problem itself: bitwise the single-process result,
+    # bad ids included, on random data too
+    weights = random_weights(spec)
+    x, ids, w = tokens(spec, 5, ctx.rank, ids=torch.tensor([[0, 7], [3, -1], [-1, -1], [8, 1], [2, -3]]))
+    out = parallel(spec, weights, x, ids, w, None, ep_group=ctx.alone, max_tokens=8)
+    same(out, single(spec, weights, x, ids, w), "EP of one, fixed buffers", exact=True)
     spec, weights = exact_layer(8, 2)
     ep_case(ctx, spec, weights, [5] * ctx.world, exact=True, group=ctx.alone, shared=True)
 

@@ -123,7 +123,7 @@ def test_plan_shapes_of_weights(monkeypatch):
     _same_weights(whole.weights, shard.weights)
     given = ParallelPlan(spec, shard_experts(w, 1, 2), "reference", ep_group=object(), tp_group=object())
     assert not given.weights.b2.any(), "a given shard's b2 is rank 0's to add"
-    assert whole.local_spec == qmoe.MoESpec(4, 1, spec.hidden_size, 32, spec.activation, bias=True, name=spec.name)
+    assert whole.local_spec == qmoe.MoESpec(4, spec.top_k, spec.hidden_size, 32, spec.activation, bias=True, name=spec.name)
     with pytest.raises(ValueError, match=r"weights: expected \(num_experts, hidden_size, intermediate_size\) = "
                                          r"\(8, 64, 64\) \(the whole layer\) or \(4, 64, 32\) \(this rank's shard\), "
                                          r"got \(2, 64, 64\)"):

@@ -9,7 +9,7 @@ its launch-config table through the same rule and store).
 """
 
 from .plan import (DEFAULT_LAYOUT_BUDGET, SECOND_LAYOUT_MIN_GAIN, STATIC_ORDER, Choice, Plan, choose_layouts,
-                   make_plan, probe)
+                   make_plan, probe, run_poisoning)
 
 __all__ = ["Choice", "DEFAULT_LAYOUT_BUDGET", "Plan", "SECOND_LAYOUT_MIN_GAIN", "STATIC_ORDER", "choose_layouts",
-           "make_plan", "probe"]
+           "make_plan", "probe", "run_poisoning"]

@@ -26,6 +26,8 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from .. import tuning
 from ..backends import Prepared, get_backend
 from ..spec import MoESpec
@@ -84,6 +86,15 @@ class Plan:
         """"M=<n>: <backend> (<why>)", then one indented line per note."""
         _, name, why = self._range(num_tokens)
         return "\n".join([f"M={num_tokens}: {name} ({why})"] + [f"  {n}" for n in self.notes])
+
+
+def run_poisoning(run, num_experts: int, x, topk_ids, topk_weights, out, shared_output=None):
+    """run(x, ids, topk_weights, out, shared_output) for a backend that does not poison bad ids
+    itself: ids outside [-1, num_experts) reach it as -1, and their tokens' rows of out become
+    NaN afterwards. On the device, no host sync; topk_ids: [M, k] int32. Returns out."""
+    bad = (topk_ids < -1) | (topk_ids >= num_experts)
+    run(x, torch.where(bad, -1, topk_ids), topk_weights, out, shared_output)
+    return out.masked_fill_(bad.any(dim=1, keepdim=True), float("nan"))
 
 
 @dataclass
@@ -303,4 +314,4 @@ def _measured_plan(spec, weights, found, budget, budget_note, notes):
 
 
 __all__ = ["Choice", "DEFAULT_LAYOUT_BUDGET", "Plan", "Prepared", "STATIC_ORDER", "choose_layouts", "make_plan",
-           "probe"]
+           "probe", "run_poisoning"]

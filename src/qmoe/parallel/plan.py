@@ -66,7 +66,8 @@ class ParallelPlan:
       loader's), told apart by their shapes; on a tensor-parallel rank other than 0, b2 is
       replaced by zeros either way (it is added once, by rank 0);
     backend: "auto" or a backend name, for the local experts (qmoe.dispatch.make_plan on the
-      shard, with the local spec: E = this rank's experts, I = its slice, top_k = 1 under EP);
+      shard, with the local spec: E = this rank's experts, I = its slice, default routing under
+      EP: a row is a token with its k slots, those of other ranks' experts -1);
     ep_group: a torch.distributed ProcessGroup over which experts are split (None: every rank
       holds every expert); rank r holds qmoe.parallel.expert_range(E, r, W);
     tp_group: a ProcessGroup over which the intermediate dimension is split (None: no split);
@@ -110,8 +111,8 @@ class ParallelPlan:
         self.weights = self._shard(spec, weights, ep_rank, ep_size, tp_rank, tp_size)
         count, (lo, hi) = self.experts[1], self.intermediate
         changes = {"num_experts": count, "intermediate_size": hi - lo}
-        if self.ep is not None:  # one row per (token, slot); routing happened before the dispatch
-            changes.update(top_k=1, routing=Routing())
+        if self.ep is not None:  # routing happened before the dispatch
+            changes.update(routing=Routing())
         self.local_spec = dataclasses.replace(spec, **changes)
         self.local: Plan = make_plan(self.local_spec, self.weights, backend, max_layout_bytes=max_layout_bytes)
         self.dispatch = None
@@ -169,14 +170,14 @@ class ParallelPlan:
         return all(get_backend(n).capturable for n in self.local.prepared)
 
     def local_tokens(self, num_tokens: int) -> int:
-        """Rows the local experts compute in a call of num_tokens tokens: W x max_tokens x top_k
-        with fixed buffers; with counts exchanged, M x top_k if the peers send as many as this
-        rank (it varies with the routing); num_tokens without EP."""
-        if self.ep is None:
+        """Rows the local experts compute in a call of num_tokens tokens: W x max_tokens with
+        fixed buffers (num_tokens in a group of one); with counts exchanged, num_tokens if the
+        peers send as many as this rank (it varies with the routing); num_tokens without EP."""
+        if self.ep is None or self.ep.size == 1:
             return num_tokens
         if self.max_tokens is not None:
-            return self.ep.size * self.dispatch.cap
-        return num_tokens * self.spec.top_k
+            return self.ep.size * self.max_tokens
+        return num_tokens
 
     def backend_for(self, num_tokens: int) -> str:
         """The backend that computes the local experts in a call of num_tokens tokens."""
@@ -228,11 +229,12 @@ class ParallelPlan:
         lines = []
         if self.ep is not None:
             first, count = self.experts
-            how = (f"fixed buffers of max_tokens x top_k = {self.dispatch.cap} rows per rank pair, no host sync"
-                   if self.max_tokens is not None else "counts exchanged on the host, then the routed rows")
+            how = (f"fixed buffers of max_tokens = {self.max_tokens} rows per rank pair, no host sync"
+                   if self.max_tokens is not None else "counts exchanged on the host, then the rows needed")
             lines.append(f"expert parallel over {self.ep.size} ranks: rank {self.ep.rank} holds experts "
-                         f"{first}-{first + count - 1} of {self.spec.num_experts}; one row per (token, slot) "
-                         f"by all_to_all_single ({how})")
+                         f"{first}-{first + count - 1} of {self.spec.num_experts}; each token goes once to "
+                         f"each rank owning one of its experts by all_to_all_single ({how}); the partial "
+                         f"outputs are summed on the token's rank")
         if self.tp is not None:
             lo, hi = self.intermediate
             lines.append(f"tensor parallel over {self.tp.size} ranks: rank {self.tp.rank} holds I {lo}-{hi - 1} "

@@ -29,6 +29,9 @@ def check_inputs(spec: MoESpec, router_logits, correction_bias=None, num_tokens:
     """
     E = spec.num_experts
     M = "M" if num_tokens is None else num_tokens
+    if spec.top_k > E:  # an experts-only spec may have more slots than experts (an EP rank's); routing not
+        raise ValueError(f"MoESpec.top_k: routing chooses top_k distinct experts: expected top_k <= num_experts "
+                         f"({E}), got {spec.top_k}")
     if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2 or router_logits.shape[1] != E \
             or (num_tokens is not None and router_logits.shape[0] != num_tokens):
         got = list(router_logits.shape) if isinstance(router_logits, torch.Tensor) else type(router_logits).__name__

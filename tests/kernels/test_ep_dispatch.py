@@ -1,0 +1,65 @@
+"""The expert-parallel send rows (kernels/ep_dispatch.py): the Triton launch equals its PyTorch
+twin, which is checked against the rule itself."""
+
+import pytest
+import torch
+
+from qmoe.kernels.ep_dispatch import fill_send_rows, fill_send_rows_torch
+from qmoe.parallel.ep import ExpertDispatch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(W, T, M, k, H, E, seed):
+    g = torch.Generator().manual_seed(seed)
+    route = ExpertDispatch(None, 0, W, E, k, H, DEVICE)._route
+    ids = torch.randint(-1, E, (M, k), generator=g, dtype=torch.int32)
+    if M:
+        ids[0, 0], ids[-1, -1] = E + 3, -5          # outside [-1, E): rank 0's bad id
+    x = torch.randn(M, H, generator=g).to(torch.bfloat16)
+    w = torch.rand(M, k, generator=g)
+    stale = (torch.randn(W * T, H, generator=g).to(torch.bfloat16), torch.randint(0, 3, (W * T, k), generator=g,
+             dtype=torch.int32), torch.rand(W * T, k, generator=g))
+    return [t.to(DEVICE) for t in (route, x, ids, w)], [t.to(DEVICE) for t in stale]
+
+
+@pytest.mark.parametrize("W,T,M,k,H,E", [(1, 4, 3, 2, 40, 8), (3, 5, 4, 3, 40, 10), (2, 3, 0, 4, 16, 8),
+                                         (4, 2, 2, 1, 1100, 8)])
+def test_kernel_equals_torch_and_the_rule(W, T, M, k, H, E):
+    (route, x, ids, w), stale = _inputs(W, T, M, k, H, E, seed=W * 100 + M)
+    outs = []
+    for fill in (fill_send_rows, fill_send_rows_torch):
+        sx, sids, sw = (t.clone() for t in stale)
+        fill(route, x, ids, w, sx, sids, sw)
+        outs.append((sx, sids, sw))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    sx, sids, sw = (t.view(W, T, -1).cpu() for t in outs[0])
+    ids_c, x_c, w_c = ids.cpu(), x.cpu(), w.cpu()
+    owner = torch.repeat_interleave(torch.arange(W), torch.tensor(
+        [E // W + (r < E % W) for r in range(W)]))
+    for r in range(W):
+        first = int((owner < r).sum())
+        for t in range(M):
+            for j in range(k):
+                e = int(ids_c[t, j])
+                want = -1 if e == -1 else (e - first if 0 <= e < E and owner[e] == r else -1)
+                if not -1 <= e < E and r == 0:
+                    want = int((owner == 0).sum())      # an id rank 0 does not have: it poisons the row
+                assert int(sids[r, t, j]) == want, (r, t, j, e)
+            assert torch.equal(sx[r, t], x_c[t]) and torch.equal(sw[r, t], w_c[t])
+    assert sids[:, M:].eq(-1).all(), "rows past M carry ids -1 only"
+    stale_x = stale[0].view(W, T, -1).cpu()
+    assert torch.equal(sx[:, M:], stale_x[:, M:]), "rows past M keep their x"
+
+
+def test_group_of_one_writes_only_the_ids():
+    (route, x, ids, w), (sx, sids, sw) = _inputs(1, 6, 4, 3, 40, 8, seed=1)
+    outs = []
+    for fill in (fill_send_rows, fill_send_rows_torch):
+        s = sids.clone()
+        fill(route, x, ids, w, None, s, None, copy_rows=False)
+        outs.append(s)
+    assert torch.equal(outs[0], outs[1])
+    want = torch.where((ids < -1) | (ids >= 8), 8, ids)
+    assert torch.equal(outs[0][:4], want) and torch.equal(outs[0][4:], sids[4:])
