@@ -68,3 +68,44 @@ def test_the_l2_is_flushed_by_default():
     import inspect
 
     assert inspect.signature(timing.measure).parameters["flush_l2"].default is True
+
+
+def test_interleaved_order_rotates_and_respects_each_reps():
+    order = timing.interleaved_order({"a": 3, "b": 3, "c": 1})
+    assert order == ["a", "b", "c", "b", "a", "a", "b"]  # round 1 starts at b (c has no 2nd rep)
+    for name, n in (("a", 3), ("b", 3), ("c", 1)):
+        assert order.count(name) == n
+    long = timing.interleaved_order({"a": 6, "b": 6, "c": 6})
+    after = {(long[i], long[i + 1]) for i in range(len(long) - 1)}
+    assert ("a", "b") in after and ("b", "a") in after, "no name always follows the same one"
+    assert timing.interleaved_order({}) == []
+
+
+def test_measure_many_reports_a_failing_fn_and_times_the_others(monkeypatch):
+    clock = FakeClock([10])
+    clock.install(monkeypatch)
+
+    def broken():
+        raise RuntimeError("out of memory\nsecond line")
+
+    r = timing.measure_many({"ok": clock.fn, "bad": broken}, device="cpu", warmup=1, reps=3)
+    assert list(r) == ["ok", "bad"]
+    assert r["ok"]["median_us"] == 10.0 and r["ok"]["reps"] == 3
+    assert r["bad"] == {"error": "RuntimeError: out of memory"}
+    with pytest.raises(ValueError, match="warmup, reps"):
+        timing.measure_many({"ok": clock.fn}, device="cpu", reps=0)
+
+
+@pytest.mark.gpu
+def test_measure_many_on_the_gpu_captures_and_interleaves():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    a = torch.randn(1 << 20, device="cuda")
+    small, large = torch.empty_like(a[:1024]), torch.empty_like(a)
+    r = timing.measure_many({"small": lambda: torch.mul(a[:1024], 2, out=small),
+                             "large": lambda: torch.mul(a, 2, out=large)}, device="cuda", reps=20)
+    for name in ("small", "large"):
+        assert r[name]["method"] == "cuda_graph" and r[name]["interleaved"] and r[name]["reps"] == 20
+    assert torch.equal(large, a * 2), "the replays ran the calls"

@@ -1,5 +1,6 @@
 """`Support(ok, reason)`: the answer of every "can this run here?" probe in qmoe (backends,
-routing): whether it can, and if not, why, in words a user can act on."""
+routing): whether it can, and if not, why, in words a user can act on; `error_text(e)`: an
+exception in one line, as reports record a failure they survive."""
 
 from __future__ import annotations
 
@@ -17,4 +18,10 @@ class Support(NamedTuple):
         return self.ok
 
 
-__all__ = ["Support"]
+def error_text(e: BaseException) -> str:
+    """"<Type>: <first line of the message>" (just "<Type>: " for an empty message)."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+__all__ = ["Support", "error_text"]

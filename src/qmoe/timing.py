@@ -3,6 +3,7 @@ machine's ceilings measured in the same run.
 
     r = measure(lambda: backend.forward(prepared, x, ids, w, out), device=x.device)
     r["median_us"], r["method"]        # e.g. 61.3, "cuda_graph"
+    rs = measure_many({"a": fa, "b": fb}, device="cuda")   # timed calls interleaved: fair ratios
     roof = roofline("cuda")            # {"read_GBps": 4610.0, "copy_GBps": 4278.0, "bf16_TFLOPs": 797.0, ...}
     floor_us(weight_bytes, flops, roof)
 
@@ -26,6 +27,8 @@ import statistics
 import time
 
 import torch
+
+from .support import error_text
 
 L2_FLUSH_BYTES = 256 << 20
 """Zeroed before each timed GPU call when flush_l2=True: larger than any current L2 (H200: 60 MB)."""
@@ -99,6 +102,12 @@ def _measure_wall(fn, warmup, reps, max_seconds):
 
 
 def _measure_cuda(fn, warmup, reps, use_graph, max_seconds, flush_l2):
+    run, method, note, reps = _ready_cuda(fn, warmup, reps, use_graph, max_seconds)
+    return _summary(_event_times(run, reps, flush_l2), method, note, flush_l2)
+
+
+def _ready_cuda(fn, warmup, reps, use_graph, max_seconds):
+    """Warm fn up and capture it: (run, method, note, reps capped by max_seconds)."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(max(warmup, 1)):
@@ -112,29 +121,86 @@ def _measure_cuda(fn, warmup, reps, use_graph, max_seconds, flush_l2):
         try:
             run, method = capture_graph(fn).replay, "cuda_graph"
         except Exception as e:  # any capture failure: time eagerly and say why
-            note = f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            note = f"CUDA graph capture failed ({error_text(e)})"
             try:
                 torch.cuda.synchronize()
             except Exception:
                 pass
     else:
         note = "CUDA graphs not requested"
-    return _summary(_event_times(run, reps, flush_l2), method, note, flush_l2)
+    return run, method, note, reps
 
 
 def _event_times(run, reps, flush_l2=False) -> list:
     """Microseconds of `reps` calls of run(), each between its own pair of CUDA events."""
+    return _interleaved_event_times({None: (run, reps)}, flush_l2)[None]
+
+
+def _interleaved_event_times(runs: dict, flush_l2=False) -> dict:
+    """{name: microseconds of its calls} for runs {name: (run, reps)}: round i calls every run
+    that has more than i reps once, each between its own pair of CUDA events (after the L2
+    flush), starting at the i-th name and going round, so no run always follows the same one."""
     scratch = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda") if flush_l2 else None
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends):
+    pairs = {n: [] for n in runs}
+    for n in interleaved_order({n: reps for n, (_, reps) in runs.items()}):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if scratch is not None:
             scratch.zero_()
         s.record()
-        run()
+        runs[n][0]()
         e.record()
+        pairs[n].append((s, e))
     torch.cuda.synchronize()
-    return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]  # ms -> us
+    return {n: [s.elapsed_time(e) * 1e3 for s, e in p] for n, p in pairs.items()}  # ms -> us
+
+
+def interleaved_order(reps: dict) -> list:
+    """The sequence of calls measure_many times for {name: reps}: round i calls every name with
+    more than i reps once, starting at the (i mod n)-th name and going round."""
+    names = list(reps)
+    order = []
+    for i in range(max(reps.values(), default=0)):
+        order += [n for n in names[i % len(names):] + names[:i % len(names)] if i < reps[n]]
+    return order
+
+
+def measure_many(fns: dict, *, device, warmup: int = 5, reps: int = 50, use_graph=True,
+                 max_seconds: float | None = None, flush_l2: bool = True) -> dict:
+    """Time several callables against each other, as `measure` times one, with their timed calls
+    interleaved: each is warmed up and captured first, then round i times one call of each (the
+    order rotating from round to round), so the clock and temperature drift of a long run (an
+    H200 slows under minutes of full-rate GEMMs) reaches all of them alike and their ratios are
+    taken under the same conditions.
+
+    fns: {name: fn}; use_graph: a bool for all, or {name: bool}; the other arguments as measure.
+    Returns {name: measure's dict, with "interleaved": True on a GPU} or, for a fn whose warm-up
+    raised, {name: {"error": "<Type>: <message>"}} (the others are still timed). On a CPU each
+    fn is timed in turn by the wall clock.
+    """
+    if not (isinstance(warmup, int) and warmup >= 0 and isinstance(reps, int) and reps >= 1):
+        raise ValueError(f"warmup, reps: expected warmup >= 0 and reps >= 1, got {warmup!r}, {reps!r}")
+    device = torch.device(device)
+    graph_for = use_graph if isinstance(use_graph, dict) else {n: use_graph for n in fns}
+    out = {}
+    if device.type != "cuda":
+        for n, fn in fns.items():
+            try:
+                out[n] = _measure_wall(fn, warmup, reps, max_seconds)
+            except Exception as e:
+                out[n] = {"error": error_text(e)}
+        return out
+    with torch.cuda.device(device):
+        ready = {}
+        for n, fn in fns.items():
+            try:
+                ready[n] = _ready_cuda(fn, warmup, reps, graph_for.get(n, True), max_seconds)
+            except Exception as e:  # out of memory, a kernel error: this one is reported, the others timed
+                out[n] = {"error": error_text(e)}
+                torch.cuda.empty_cache()
+        times = _interleaved_event_times({n: (r[0], r[3]) for n, r in ready.items()}, flush_l2)
+        for n, (_, method, note, _) in ready.items():
+            out[n] = dict(_summary(times[n], method, note, flush_l2), interleaved=True)
+    return {n: out[n] for n in fns}
 
 
 def roofline(device, *, copy_bytes: int = 4 << 30, gemm_size: int = 8192, reps: int = 20) -> dict:
@@ -196,4 +262,4 @@ def floor_us(bytes_read: int, flops: int, roof: dict) -> tuple[float, str] | Non
     return (t_mem, "memory") if t_mem >= t_flop else (t_flop, "compute")
 
 
-__all__ = ["L2_FLUSH_BYTES", "capture_graph", "floor_us", "measure", "roofline"]
+__all__ = ["L2_FLUSH_BYTES", "capture_graph", "floor_us", "interleaved_order", "measure", "measure_many", "roofline"]

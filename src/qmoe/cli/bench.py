@@ -3,7 +3,8 @@ beside the ceilings of the same GPU measured at the start of the same run. A ben
 a test.
 
 Per cell: microseconds (median of CUDA-graph replays, the L2 flushed before each replay unless
---no-flush-l2), GB/s of the distinct experts' packed weight bytes the call touches, TFLOP/s,
+--no-flush-l2; the replays of every backend at one M interleaved, one of each per round, so a
+GPU's clock drift under minutes of full-rate GEMMs reaches all backends alike: qmoe.timing.measure_many), GB/s of the distinct experts' packed weight bytes the call touches, TFLOP/s,
 % of the roofline floor, and the ratio to the best OTHER backend of the same cell, where
 floor = max(bytes / read bandwidth, FLOPs / bf16 GEMM rate) (qmoe.timing.floor_us), with
 bytes = distinct experts' weights + scales + biases + x read + out written (logical, unpadded).
@@ -17,10 +18,12 @@ there only try the command out.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
 
+from ..support import error_text
 from ..tuning.buckets import BUCKETS
 from .common import (Steps, add_json_argument, emit_json, json_to_stdout, number, output_path, parse_backends,
                      parse_device, parse_formats, parse_presets, parse_tokens, preset_problems, probe)
@@ -111,7 +114,7 @@ def run_bench(problems, tokens, backends, *, device, reps=50, check=True, ref_ma
     from ..backends.reference import reference_moe, relative_error
     from ..routing import route
     from ..spec import preset
-    from ..timing import measure, roofline
+    from ..timing import measure_many, roofline
     from ..weights import random_weights
     from .demo import scaled_down
     from .env import collect as env_collect
@@ -159,45 +162,58 @@ def run_bench(problems, tokens, backends, *, device, reps=50, check=True, ref_ma
             x, logits = _inputs(spec, M, device, seed)
             ids, w = route(spec, logits)
             ref = reference_moe(spec, weights, x, ids, w) if check else None
+            cells, experts_fns, layer_fns, graphs = {}, {}, {}, {}
             for name, (b, moe) in moes.items():
                 if steps is not None:
-                    steps.show(f"{pname} {fmt} {name} M={M}")
+                    steps.show(f"{pname} {fmt} {name} M={M}: checking")
                 if name == "reference" and M > ref_max_tokens:
                     if steps is not None:
                         steps.advance(f"{pname} {fmt} {name} M={M}: skipped (--reference-max-tokens)")
                     continue
-                cell = {"preset": pname, "format": fmt, "backend": name}
+                cell = cells[name] = {"preset": pname, "format": fmt, "backend": name, "M": M}
+                out = torch.empty(M, spec.hidden_size, dtype=torch.bfloat16, device=device)
                 try:
                     if check:
-                        out = torch.full((M, spec.hidden_size), float("nan"), dtype=torch.bfloat16, device=device)
-                        moe.experts(x, ids, w, out=out)
-                        cell["rel_err"] = relative_error(out, ref)
-                        cell["all_written"] = bool(torch.isfinite(out).all())
-                    out = torch.empty(M, spec.hidden_size, dtype=torch.bfloat16, device=device)
-                    t_exp = measure(lambda: moe.experts(x, ids, w, out=out), device=device, reps=reps,
-                                    max_seconds=5, flush_l2=flush_l2, use_graph=b.capturable)
-                    t_layer = measure(lambda: moe(x, logits, out=out), device=device, reps=reps, max_seconds=5,
-                                      flush_l2=flush_l2, use_graph=b.capturable)
-                except Exception as e:  # out of memory at a large M, a kernel error: recorded, not fatal
-                    cell.update(M=M, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                    res["cells"].append(cell)
+                        probe_out = torch.full_like(out, float("nan"))
+                        moe.experts(x, ids, w, out=probe_out)
+                        cell["rel_err"] = relative_error(probe_out, ref)
+                        cell["all_written"] = bool(torch.isfinite(probe_out).all())
+                except Exception as e:  # a kernel error: recorded, not fatal
+                    cell["error"] = error_text(e)
+                    continue
+                experts_fns[name] = functools.partial(moe.experts, x, ids, w, out=out)
+                layer_fns[name] = functools.partial(moe, x, logits, out=out)
+                graphs[name] = b.capturable
+            if steps is not None:
+                steps.show(f"{pname} {fmt} M={M}: timing {', '.join(experts_fns)} (interleaved)")
+            # every backend's timed replays interleaved: the ratios are taken under the same conditions
+            t_exp = measure_many(experts_fns, device=device, reps=reps, max_seconds=5, flush_l2=flush_l2,
+                                 use_graph=graphs)
+            t_layer = measure_many(layer_fns, device=device, reps=reps, max_seconds=5, flush_l2=flush_l2,
+                                   use_graph=graphs)
+            for name, cell in cells.items():
+                r = t_exp.get(name, {})
+                if "error" in r:
+                    cell["error"] = r["error"]
+                if "error" in cell:
                     say(f"  M={M:5d} {name:20s} failed: {cell['error']}")
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                    if steps is not None:
-                        steps.advance(f"{pname} {fmt} {name} M={M}: failed")
-                    continue
-                cell.update(cell_metrics(spec, weights, ids, t_exp["median_us"], roof, x.numel() * 2,
-                                         out.numel() * 2))
-                cell["layer_us"] = t_layer["median_us"]
-                if name == "auto":
-                    cell["runs"] = moe.backend_for(M)
-                cell["timed_with"] = t_exp["method"]
-                if t_exp.get("note"):
-                    cell["timing_note"] = t_exp["note"]
+                else:
+                    b, moe = moes[name]
+                    cell.update(cell_metrics(spec, weights, ids, r["median_us"], roof, x.numel() * 2,
+                                             x.numel() * 2))
+                    if "median_us" in t_layer.get(name, {}):
+                        cell["layer_us"] = t_layer[name]["median_us"]
+                    if name == "auto":
+                        cell["runs"] = moe.backend_for(M)
+                    cell["timed_with"] = r["method"] + (" (interleaved)" if r.get("interleaved") else "")
+                    if r.get("note"):
+                        cell["timing_note"] = r["note"]
                 res["cells"].append(cell)
                 if steps is not None:
-                    steps.advance(f"{pname} {fmt} {name} M={M}: {cell['us']:.1f} us")
+                    steps.advance(f"{pname} {fmt} {name} M={M}: "
+                                  + (f"{cell['us']:.1f} us" if "us" in cell else "failed"))
         del moes, weights
         if device.type == "cuda":
             torch.cuda.empty_cache()

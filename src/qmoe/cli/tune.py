@@ -5,9 +5,11 @@
     qmoe tune --experts 64 --hidden 4096 --intermediate 1536 --top-k 8 --format nvfp4
     qmoe tune --kernels                         # first let backends that can tune their kernels do so
 
-Each backend's `forward` is timed alone (no routing) on random weights and inputs, by
-qmoe.timing.measure, the way `qmoe bench` times it (CUDA-graph replays where the backend can be
-captured, the L2 flushed before each replay), so `auto` chooses by what a model will see. The
+Each backend's `forward` is timed (no routing) on random weights and inputs, by
+qmoe.timing.measure_many, the way `qmoe bench` times it (CUDA-graph replays where the backend
+can be captured, the L2 flushed before each replay, every backend's replays of one M
+interleaved, so all of them see the same clocks), so `auto` chooses by what a model will see.
+Every usable backend's layout is prepared first and kept while the token counts are timed. The
 result, one entry per (GPU, library versions, format, shape), is merged into the tuning table
 (qmoe.tuning): a run of some backends or token counts keeps the other measurements. Weights'
 values do not change a kernel's speed, so random weights measure what real ones would.
@@ -16,6 +18,7 @@ values do not change a kernel's speed, so random weights measure what real ones 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -24,7 +27,8 @@ import torch
 from .. import tuning
 from ..routing import route
 from ..spec import MoESpec, presets
-from ..timing import measure
+from ..support import error_text
+from ..timing import measure_many
 from ..tuning.buckets import BUCKETS
 from ..weights import random_weights
 from .common import (Steps, add_problem_arguments, number, parse_backends, parse_device, parse_formats,
@@ -105,7 +109,7 @@ def tune_problem(spec: MoESpec, fmt: str, backends, tokens, device, *, reps=50, 
     env = tuning.environment(device)
     weights = random_weights(spec, fmt, device, seed)
     inputs = _inputs(spec, tokens, device, seed)
-    times, methods, layout, excluded, errors, kernel_lines = {}, {}, {}, {}, {}, []
+    times, methods, layout, excluded, errors, kernel_lines, ready = {}, {}, {}, {}, {}, [], {}
     what = f"{spec.name or 'custom'} {fmt}"
     for name in backends:
         b, reason = probe(name, spec, fmt, device)
@@ -121,31 +125,34 @@ def tune_problem(spec: MoESpec, fmt: str, backends, tokens, device, *, reps=50, 
             kernel_lines.append(f"{name} kernel tuning for {what}: "
                                 + json.dumps(_kernel_summary(result), default=str, sort_keys=True))
         try:
-            prepared = b.prepare(spec, weights)
+            ready[name] = (b, b.prepare(spec, weights))
         except Exception as e:
-            excluded[name] = f"prepare raised {type(e).__name__}: {e}"
+            excluded[name] = f"prepare raised {error_text(e)}"
             if steps is not None:
                 steps.advance(f"{what} {name}: prepare failed", len(tokens))
+            _free(device)
             continue
-        layout[name] = prepared.nbytes
-        for m in tokens:
-            x, ids, w, out = inputs[m]
-            if steps is not None:
-                steps.show(f"{what} {name} M={m}")
-            try:
-                r = measure(lambda: b.forward(prepared, x, ids, w, out), device=device, warmup=warmup, reps=reps,
-                            max_seconds=max_seconds, flush_l2=flush_l2, use_graph=b.capturable)
-            except Exception as e:  # out of memory at a large M, a kernel error: recorded, not fatal
-                errors.setdefault(name, {})[m] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        layout[name] = ready[name][1].nbytes
+    for m in tokens:  # every backend's timed calls interleaved, as qmoe bench times them
+        x, ids, w, out = inputs[m]
+        if steps is not None:
+            steps.show(f"{what} M={m}: timing {', '.join(ready)} (interleaved)")
+        fns = {n: functools.partial(b.forward, p, x, ids, w, out) for n, (b, p) in ready.items()}
+        rs = measure_many(fns, device=device, warmup=warmup, reps=reps, max_seconds=max_seconds, flush_l2=flush_l2,
+                          use_graph={n: b.capturable for n, (b, _) in ready.items()})
+        for name, r in rs.items():
+            if "error" in r:  # out of memory at a large M, a kernel error: recorded, not fatal
+                errors.setdefault(name, {})[m] = r["error"]
                 _free(device)
             else:
                 times.setdefault(name, {})[m] = r["median_us"]
                 methods[name] = (r["method"] + (", L2 flushed" if r["flush_l2"] else "")
+                                 + (", interleaved" if r.get("interleaved") else "")
                                  + (f" ({r['note']})" if r["note"] else ""))
             if steps is not None:
                 steps.advance(f"{what} {name} M={m}")
-        prepared = None  # free this layout before preparing the next backend's
-        _free(device)
+    ready = None
+    _free(device)
     if kernels and not kernel_lines:
         why = "; ".join(f"{n}: {r}" for n, r in excluded.items()) or "no usable backend is tunable"
         kernel_lines.append(f"kernel tuning unavailable for {spec.name or 'custom'} {fmt}: no usable backend "
