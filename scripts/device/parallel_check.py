@@ -11,6 +11,9 @@ qmoe.MoE on the same rank's tokens (all experts, whole I), and the median micros
   tp           TP                                      (graph replays)
   plain_eager  qmoe.MoE.experts, eager calls
   ep_counted   EP, counts exchanged on the host       (eager: it syncs with the host every call)
+  dispatch_combine_w2/4/8  rank 0's send-row launch + combine of a group of W at these tokens,
+               on this GPU without the collective (what EP adds besides moving rows)
+(each group of timings interleaved: qmoe.timing.measure_many)
 With one GPU the groups have one rank: EP runs its dispatch and combine with no collective, so
 ep / plain is the cost of the EP code path itself. Prints a table; rank 0 writes
 $OUT/parallel_check.json (every rank's rows). NVLink multicast is kept off (NCCL_NVLS_ENABLE=0,
@@ -36,7 +39,7 @@ import qmoe  # noqa: E402
 from qmoe.backends.reference import relative_error  # noqa: E402
 from qmoe.parallel import ParallelPlan  # noqa: E402
 from qmoe.spec import PRESET_FORMATS  # noqa: E402
-from qmoe.timing import measure  # noqa: E402
+from qmoe.timing import measure_many  # noqa: E402
 from qmoe.weights import random_weights  # noqa: E402
 
 
@@ -92,27 +95,51 @@ def check_tokens(spec, fmt, M, plain, ep_counted, tp, args, rank, world, say):
     err = {"ep": relative_error(outs["ep"], ref), "ep_counted": relative_error(outs["ep_counted"], ref),
            "tp": relative_error(outs["tp"], ref_t), "tp_bitwise": bool(torch.equal(outs["tp"], ref_t))}
     reps = args.reps
-    t = {"plain": measure(lambda: plain.experts(x, ids, w, out=outs["plain"]), device="cuda", reps=reps),
-         "ep": measure(lambda: run_ep(x, ids, w, outs["ep"]), device="cuda", reps=reps),
-         "tp": measure(lambda: run_tp(xt, idt, wt, outs["tp"]), device="cuda", reps=reps),
-         "plain_eager": measure(lambda: plain.experts(x, ids, w, out=outs["plain"]), device="cuda", reps=reps,
-                                use_graph=False),
-         "ep_counted": measure(lambda: run_epc(x, ids, w, outs["ep_counted"]), device="cuda", reps=reps,
-                               use_graph=False)}
+    # the graph replays interleaved (qmoe.timing.measure_many): plain, ep and tp under the same clocks
+    t = measure_many({"plain": lambda: plain.experts(x, ids, w, out=outs["plain"]),
+                      "ep": lambda: run_ep(x, ids, w, outs["ep"]),
+                      "tp": lambda: run_tp(xt, idt, wt, outs["tp"])}, device="cuda", reps=reps)
+    t.update(measure_many({"plain_eager": lambda: plain.experts(x, ids, w, out=outs["plain"]),
+                           "ep_counted": lambda: run_epc(x, ids, w, outs["ep_counted"])}, device="cuda",
+                          reps=reps, use_graph=False))
+    t.update(dispatch_alone(spec, x, ids, w, reps))
     row = {"preset": spec.name, "format": fmt, "rank": rank, "world": world, "M": M,
            "backend": {"plain": plain.backend_for(M), "ep": ep.backend_for(M), "tp": tp.backend_for(M)},
            "us": {k: v["median_us"] for k, v in t.items()}, "method": {k: v["method"] for k, v in t.items()},
            "notes": {k: v["note"] for k, v in t.items() if v["note"]}, "rel_err_vs_plain": err}
     us = row["us"]
+    alone = "  ".join(f"W={n.split('_w')[1]} {us[n]:.1f}" for n in us if n.startswith("dispatch_combine_w"))
     say(f"  M={M:5d}  plain {us['plain']:9.1f}  ep {us['ep']:9.1f} ({us['ep'] / us['plain']:.3f}x)  "
         f"tp {us['tp']:9.1f} ({us['tp'] / us['plain']:.3f}x)  | eager: plain {us['plain_eager']:9.1f}  "
         f"ep_counted {us['ep_counted']:9.1f} ({us['ep_counted'] / us['plain_eager']:.3f}x)  | err ep "
         f"{err['ep']:.1e} counted {err['ep_counted']:.1e} tp {err['tp']:.1e}"
         f"{' (bitwise)' if err['tp_bitwise'] else ''}  [{', '.join(sorted(set(row['method'].values())))}]")
+    say(f"         EP send rows + combine alone (one GPU, the shapes of W ranks, no collective): {alone} us")
     for k, note in row["notes"].items():
-        if k != "plain_eager" and k != "ep_counted":
+        if k in ("plain", "ep", "tp"):
             say(f"      {k}: {note}")
     return row
+
+
+def dispatch_alone(spec, x, ids, w, reps):
+    """{"dispatch_combine_w<W>": measure's dict}: rank 0's send-row launch and combine of an EP
+    group of W = 2, 4, 8 at these tokens (T = M), timed on this GPU with no collective (the
+    collective's place is taken by the send buffers themselves): what EP adds besides moving rows."""
+    from qmoe.kernels.ep_dispatch import fill_send_rows
+    from qmoe.parallel.ep import ExpertDispatch, combine
+
+    M, H = x.shape
+    fns = {}
+    for W in (2, 4, 8):
+        d = ExpertDispatch(None, 0, W, spec.num_experts, spec.top_k, H, "cuda", max_tokens=M)
+        b = d.buffers(x.dtype)
+        out = torch.empty_like(x)
+
+        def run(d=d, b=b, out=out, W=W):
+            fill_send_rows(d._route, x, ids, w, b.send_x, b.send_ids, b.send_w)
+            combine(b.send_x.view(W, M, H)[:, :M], out)
+        fns[f"dispatch_combine_w{W}"] = run
+    return measure_many(fns, device="cuda", reps=reps)
 
 
 def main():

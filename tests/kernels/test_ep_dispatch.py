@@ -52,14 +52,3 @@ def test_kernel_equals_torch_and_the_rule(W, T, M, k, H, E):
     stale_x = stale[0].view(W, T, -1).cpu()
     assert torch.equal(sx[:, M:], stale_x[:, M:]), "rows past M keep their x"
 
-
-def test_group_of_one_writes_only_the_ids():
-    (route, x, ids, w), (sx, sids, sw) = _inputs(1, 6, 4, 3, 40, 8, seed=1)
-    outs = []
-    for fill in (fill_send_rows, fill_send_rows_torch):
-        s = sids.clone()
-        fill(route, x, ids, w, None, s, None, copy_rows=False)
-        outs.append(s)
-    assert torch.equal(outs[0], outs[1])
-    want = torch.where((ids < -1) | (ids >= 8), 8, ids)
-    assert torch.equal(outs[0][:4], want) and torch.equal(outs[0][4:], sids[4:])

@@ -25,9 +25,11 @@ Two transports, the same rows:
   written by one Triton launch on GPUs (qmoe.kernels.ep_dispatch): CUDA-graph capturable (with a
   capturable backend). Each call moves W x T rows each way whatever the routing.
 
-A group of one exchanges nothing and has one partial to sum: its rows are the tokens
-themselves, so the dispatch only maps the ids (one launch) and the local plan writes the sum of
-the one partial, out, directly; everything else runs as for W ranks.
+A group of one exchanges nothing and has one partial to sum, and its route is the identity on
+ids (every expert keeps its number, -1 stays -1, an id outside [-1, E) stays outside and is
+poisoned by the local plan): with fixed buffers its one chunk is the tokens themselves, so the
+local plan computes x with the given ids straight into out, adding no launch to plain qmoe.MoE;
+the counted transport runs its PyTorch steps as for W ranks.
 """
 
 from __future__ import annotations
@@ -133,7 +135,8 @@ class ExpertDispatch:
 
         send_x, recv_x: [W * T, H]; send_ids, recv_ids: [W * T, k] int32; send_w, recv_w:
         [W * T, k] fp32; y, back: [W * T, H] (the local experts' outputs, the partial outputs
-        that come back); T = max_tokens. A group of one has send_ids only: its rows are x.
+        that come back); T = max_tokens. A group of one needs none (its rows are x): it gets
+        send_ids only.
         """
         b = self._buffers.get(dtype)
         if b is None:
@@ -152,12 +155,10 @@ class ExpertDispatch:
     def _run_fixed(self, plan, x, topk_ids, topk_weights, out, shared_output):
         W, T, H = self.size, self.max_tokens, self.hidden_size
         M = topk_ids.shape[0]
+        if W == 1:  # the chunk is x itself, its route the identity on ids, the one partial out
+            return self._compute(plan, x, topk_ids, topk_weights, out, shared_output)
         b = self.buffers(x.dtype)
-        fill = _fill_send_rows(x)
-        if W == 1:  # the chunk is x itself, the one partial is out
-            fill(self._route, x, topk_ids, topk_weights, None, b.send_ids, None, copy_rows=False)
-            return self._compute(plan, x, b.send_ids[:M], topk_weights, out, shared_output)
-        fill(self._route, x, topk_ids, topk_weights, b.send_x, b.send_ids, b.send_w)
+        _fill_send_rows(x)(self._route, x, topk_ids, topk_weights, b.send_x, b.send_ids, b.send_w)
         recv_x = self._all_to_all(b.send_x, b.recv_x)
         recv_ids = self._all_to_all(b.send_ids, b.recv_ids)
         recv_w = self._all_to_all(b.send_w, b.recv_w)
