@@ -8,6 +8,7 @@
 #   bash scripts/device/qualify.sh check    # qmoe check of every usable backend
 #   bash scripts/device/qualify.sh models   # a patched HF model under a CUDA graph: time per forward
 #   bash scripts/device/qualify.sh parallel # EP / TP groups of one (NCCL) against plain qmoe.MoE
+#   bash scripts/device/qualify.sh ncu      # hardware counters of the decode GEMMs, qmoe's and the peers'
 #   bash scripts/device/qualify.sh a b ...  # several steps in one call
 #
 # The peers come from the git-ignored .peers/ folder (carry it): triton_kernels (vLLM's vendored
@@ -69,11 +70,19 @@ step() {
       timeout ${T_MODELS:-240} python3 -m pytest -q -s -m gpu --timeout 230 -p no:cacheprovider -rfEs --tb=short \
         tests/integrations/test_transformers.py -k "cuda_graph or fullgraph_on_the_gpu" > "$OUT/models.log" 2>&1
       echo "models rc=$?"; grep -E "per forward|passed|failed|^(FAILED|ERROR)" "$OUT/models.log" | tail -8 ;;
+    ncu)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout ${T_NCU:-300} $NCU --profile-from-start off --clock-control none --section SpeedOfLight \
+        --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+        python3 scripts/device/prof_decode.py --presets ${NCU_PRESETS:-gpt-oss-120b,kimi-k2.5} \
+        --backends ${NCU_BACKENDS:-triton,humming,marlin} --tokens ${NCU_TOKENS:-16,64} > "$OUT/ncu_decode.txt" 2>&1
+      echo "ncu rc=$?"; grep -E "^===|^  [A-Za-z_].*\(|Duration|DRAM Throughput|Achieved Occupancy|Registers Per Thread|Grid Size|Warp Cycles Per Issued" \
+        "$OUT/ncu_decode.txt" | cut -c1-110 | head -170 ;;
     parallel)
       timeout ${T_PARALLEL:-120} python3 scripts/device/parallel_check.py --presets ${PAR_PRESETS:-gpt-oss-120b} \
         > "$OUT/parallel.log" 2>&1
       echo "parallel rc=$?"; tail -16 "$OUT/parallel.log" ;;
-    *) echo "usage: qualify.sh tests|probe|bench|tune|check|models|parallel ..." >&2; exit 2 ;;
+    *) echo "usage: qualify.sh tests|probe|bench|tune|check|models|ncu|parallel ..." >&2; exit 2 ;;
   esac
 }
 for s in "$@"; do
