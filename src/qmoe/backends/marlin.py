@@ -22,9 +22,11 @@ Forward (mirrors vLLM's sequence; no host synchronization, CUDA-graph capturable
   ids = topk_ids with -1 -> E; moe_align_block_size(ids, E + 1, block_m, ..., expert_map):
       id E maps to -1, so those slots get no rows (vLLM's expert parallel path; an id of -1
       itself would be read as an index, out of bounds);
-  GEMM1 [M*k, 2Ip] = x @ w13 (+ b13); the activation: qmoe's torch SwiGLU in fp32 on the
-      [gate | up] halves (vLLM runs its fused activation op, on GPT-OSS's interleaved rows; the
-      row order does not change the GEMM);
+  GEMM1 [M*k, 2Ip] = x @ w13 (+ b13); the activation: one Triton launch of qmoe's SwiGLU in
+      fp32 on the [gate | up] halves (kernels/activation.py: swiglu_rows; vLLM runs its fused
+      activation op, on GPT-OSS's interleaved rows; the row order does not change the GEMM). It
+      was a chain of about eight PyTorch elementwise launches until session 4, the likely cause
+      of Marlin's decode gap to vLLM's run of the same kernels (gpt-oss M=1: 74 against 56 us);
   GEMM2 [M*k, Hp] = act @ w2 (+ b2), x topk_weights; moe_sum over the k slots (skipping the
       slots of id E) into out (or a bf16 buffer copied into out).
 block_m = the first of 8, 16, 32, 48, 64 with M*k/E/block_m < 0.9 (vLLM's rule), else 64.
@@ -58,7 +60,6 @@ from ..spec import MoESpec
 from ..weights import ExpertWeights
 from . import _vllm_ops
 from .base import Backend, Prepared, Support, cuda_capability
-from .reference import swiglu
 
 TILE = 16
 MAX_BLOCKS_PER_SM = 4  # vLLM's MARLIN_MAX_BLOCKS_PER_SM: the workspace holds SMs x 4 locks
@@ -154,8 +155,10 @@ class MarlinBackend(Backend):
         t["expert_map"] = torch.cat((torch.arange(E, dtype=torch.int32, device=dev),
                                      torch.full((1,), -1, dtype=torch.int32, device=dev)))
         t["workspace"] = torch.zeros(_sm_count(dev) * MAX_BLOCKS_PER_SM, dtype=torch.int32, device=dev)
+        from ..kernels.activation import swiglu_rows
+
         meta.update({
-            "ops": ops, "library": ops.library, "vllm": ops.version, "num_experts": E,
+            "ops": ops, "library": ops.library, "vllm": ops.version, "num_experts": E, "swiglu_rows": swiglu_rows,
             "hidden_size": H, "hidden_padded": Hp, "intermediate_size": I, "intermediate_padded": Ip,
             "b_type_id": _vllm_ops.UINT4B8 if fmt == "int4" else _vllm_ops.FLOAT4_E2M1F,
             "padding": "vllm" if like_vllm else "minimal"})
@@ -193,7 +196,8 @@ class MarlinBackend(Backend):
         h = torch.empty(M * k, 2 * Ip, dtype=bf16, device=dev)
         ops.moe_wna16_marlin_gemm(a, h, t["w13"], t.get("b13"), t["s13"], t.get("g13"), top_k=k,
                                   mul_topk_weights=False, size_m=M, size_n=2 * Ip, size_k=Hp, **route)
-        act = swiglu(prepared.spec.activation, h[:, :Ip].float(), h[:, Ip:].float()).to(bf16).contiguous()
+        sw = prepared.spec.activation  # one launch (vLLM runs its fused activation op here too)
+        act = m["swiglu_rows"](h, torch.empty(M * k, Ip, dtype=bf16, device=dev), sw.alpha, sw.beta, sw.limit)
         y = torch.empty(M * k, Hp, dtype=bf16, device=dev)
         ops.moe_wna16_marlin_gemm(act, y, t["w2"], t.get("b2"), t["s2"], t.get("g2"), top_k=1,
                                   mul_topk_weights=True, size_m=M * k, size_n=Hp, size_k=Ip, **route)

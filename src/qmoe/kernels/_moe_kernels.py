@@ -22,6 +22,8 @@ the scale (13 instructions per 8 weights; docs/performance.md, v4); the interpre
 import triton
 import triton.language as tl
 
+from .activation import swiglu
+
 FMT_MXFP4 = 0
 FMT_NVFP4 = 1
 FMT_INT4 = 2
@@ -351,11 +353,7 @@ def moe_gemm1_kernel(
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + e64 * 2 * Ip + rn)[None, :]
         acc_u += tl.load(b_ptr + e64 * 2 * Ip + Ip + rn)[None, :]
-    if HAS_LIMIT:  # NaN stays NaN, as torch.clamp keeps it (tl.minimum drops NaN by default)
-        acc_g = tl.minimum(acc_g, limit, propagate_nan=tl.PropagateNan.ALL)
-        acc_u = tl.minimum(tl.maximum(acc_u, -limit, propagate_nan=tl.PropagateNan.ALL), limit,
-                           propagate_nan=tl.PropagateNan.ALL)
-    act = (acc_u + beta) * acc_g * tl.sigmoid(alpha * acc_g)
+    act = swiglu(acc_g, acc_u, alpha, beta, limit, HAS_LIMIT)  # NaN kept through the clamps
     tl.store(inter_ptr + rm.to(tl.int64)[:, None] * Ip + rn[None, :], act.to(inter_ptr.dtype.element_ty))
 
 
