@@ -109,3 +109,50 @@ def test_measure_many_on_the_gpu_captures_and_interleaves():
     for name in ("small", "large"):
         assert r[name]["method"] == "cuda_graph" and r[name]["interleaved"] and r[name]["reps"] == 20
     assert torch.equal(large, a * 2), "the replays ran the calls"
+
+
+def test_measure_many_gpu_path_names_the_failing_fn(monkeypatch):
+    """The CUDA branch's bookkeeping, with the GPU steps replaced: a warm-up that raises and a
+    timed call that raises are reported on their own names, the others still timed."""
+    import contextlib
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(timing, "_flush_buffer", lambda flush: None)
+
+    def ready(fn, warmup, reps, use_graph, max_seconds):
+        fn()  # the warm-up
+        return fn, "cuda_graph", None, reps
+
+    def event_times(runs, scratch):
+        for run, _ in runs.values():
+            run()
+        return {n: [2.0, 1.0, 3.0] for n in runs}
+
+    monkeypatch.setattr(timing, "_ready_cuda", ready)
+    monkeypatch.setattr(timing, "_interleaved_event_times", event_times)
+    calls = {"replay": 0}
+
+    def fails_in_warmup():
+        raise RuntimeError("CUDA out of memory")
+
+    def fails_when_timed():
+        calls["replay"] += 1
+        if calls["replay"] > 1:  # the warm-up passes, the timed call does not
+            raise RuntimeError("illegal memory access")
+
+    r = timing.measure_many({"a": lambda: None, "w": fails_in_warmup, "t": fails_when_timed, "b": lambda: None},
+                            device="cuda", reps=3)
+    assert list(r) == ["a", "w", "t", "b"]
+    assert r["w"] == {"error": "RuntimeError: CUDA out of memory"}
+    assert r["t"] == {"error": "RuntimeError: illegal memory access"}
+    for n in ("a", "b"):
+        assert r[n]["median_us"] == 2.0 and r[n]["interleaved"] is False, "timed alone after the failure"
+
+    def no_memory(flush):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(timing, "_flush_buffer", no_memory)
+    r = timing.measure_many({"a": lambda: None}, device="cuda")
+    assert r["a"]["error"].startswith("no memory for the L2 flush buffer: RuntimeError")

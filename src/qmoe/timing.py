@@ -133,14 +133,19 @@ def _ready_cuda(fn, warmup, reps, use_graph, max_seconds):
 
 def _event_times(run, reps, flush_l2=False) -> list:
     """Microseconds of `reps` calls of run(), each between its own pair of CUDA events."""
-    return _interleaved_event_times({None: (run, reps)}, flush_l2)[None]
+    return _interleaved_event_times({None: (run, reps)}, _flush_buffer(flush_l2))[None]
 
 
-def _interleaved_event_times(runs: dict, flush_l2=False) -> dict:
+def _flush_buffer(flush_l2: bool):
+    """The buffer zeroed before each timed call (None: no flush)."""
+    return torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda") if flush_l2 else None
+
+
+def _interleaved_event_times(runs: dict, scratch) -> dict:
     """{name: microseconds of its calls} for runs {name: (run, reps)}: round i calls every run
-    that has more than i reps once, each between its own pair of CUDA events (after the L2
-    flush), starting at the i-th name and going round, so no run always follows the same one."""
-    scratch = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda") if flush_l2 else None
+    that has more than i reps once, each between its own pair of CUDA events (after zeroing
+    scratch, the L2 flush, unless it is None), starting at the i-th name and going round, so no
+    run always follows the same one."""
     pairs = {n: [] for n in runs}
     for n in interleaved_order({n: reps for n, (_, reps) in runs.items()}):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -173,9 +178,10 @@ def measure_many(fns: dict, *, device, warmup: int = 5, reps: int = 50, use_grap
     taken under the same conditions.
 
     fns: {name: fn}; use_graph: a bool for all, or {name: bool}; the other arguments as measure.
-    Returns {name: measure's dict, with "interleaved": True on a GPU} or, for a fn whose warm-up
-    raised, {name: {"error": "<Type>: <message>"}} (the others are still timed). On a CPU each
-    fn is timed in turn by the wall clock.
+    Returns {name: measure's dict, with "interleaved": whether its calls were interleaved with
+    others' (on a GPU; after a failed timed call the others are timed alone)} or, for a fn whose
+    warm-up or timed calls raised, {name: {"error": "<Type>: <message>"}} (the others are still
+    timed). On a CPU each fn is timed in turn by the wall clock.
     """
     if not (isinstance(warmup, int) and warmup >= 0 and isinstance(reps, int) and reps >= 1):
         raise ValueError(f"warmup, reps: expected warmup >= 0 and reps >= 1, got {warmup!r}, {reps!r}")
@@ -190,6 +196,10 @@ def measure_many(fns: dict, *, device, warmup: int = 5, reps: int = 50, use_grap
                 out[n] = {"error": error_text(e)}
         return out
     with torch.cuda.device(device):
+        try:  # before the captures hold their memory
+            scratch = _flush_buffer(flush_l2)
+        except Exception as e:
+            return {n: {"error": f"no memory for the L2 flush buffer: {error_text(e)}"} for n in fns}
         ready = {}
         for n, fn in fns.items():
             try:
@@ -197,9 +207,20 @@ def measure_many(fns: dict, *, device, warmup: int = 5, reps: int = 50, use_grap
             except Exception as e:  # out of memory, a kernel error: this one is reported, the others timed
                 out[n] = {"error": error_text(e)}
                 torch.cuda.empty_cache()
-        times = _interleaved_event_times({n: (r[0], r[3]) for n, r in ready.items()}, flush_l2)
+        runs = {n: (r[0], r[3]) for n, r in ready.items()}
+        together = len(runs) > 1
+        try:
+            times = _interleaved_event_times(runs, scratch)
+        except Exception:  # a timed call failed: time each alone, so the one that fails is named
+            times, together = {}, False
+            for n, run in runs.items():
+                try:
+                    times[n] = _interleaved_event_times({n: run}, scratch)[n]
+                except Exception as e:
+                    out[n] = {"error": error_text(e)}
         for n, (_, method, note, _) in ready.items():
-            out[n] = dict(_summary(times[n], method, note, flush_l2), interleaved=True)
+            if n in times:
+                out[n] = dict(_summary(times[n], method, note, flush_l2), interleaved=together)
     return {n: out[n] for n in fns}
 
 

@@ -266,6 +266,23 @@ def test_empty_slots_contribute_nothing(install, on_sm90, weights, gen):
 
 
 @pytest.mark.parametrize("gen", ["3.5", "3.8"])
+def test_more_slots_than_experts(install, on_sm90, gen):
+    """An expert-parallel rank's local spec: k = 4 slots over 2 experts (prepare's warm-up too)."""
+    install(gen)
+    spec = small_spec(E=2, k=4, H=128, I=64)
+    w = random_weights(spec, seed=6).to(DEV)
+    prepared = BACKEND.prepare(spec, w)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, spec.hidden_size, generator=g).to(torch.bfloat16).to(DEV)
+    ids = torch.tensor([[0, -1, 1, -1], [1, -1, -1, -1], [-1, -1, -1, -1], [0, 1, -1, -1], [-1, 0, -1, 1]],
+                       dtype=torch.int32, device=DEV)
+    tw = torch.rand(5, 4, generator=g).to(DEV)
+    out = torch.full((5, spec.hidden_size), float("nan"), dtype=torch.bfloat16, device=DEV)
+    BACKEND.forward(prepared, x, ids, tw, out)
+    assert not out[2].any() and rel_err(out, spec, w, x, ids, tw) < 1e-2
+
+
+@pytest.mark.parametrize("gen", ["3.5", "3.8"])
 def test_top_k_one_with_empty_slot(install, on_sm90, gen):
     """k = 1 takes 3.5's fused-scatter path, which never writes a token without an expert."""
     install(gen)

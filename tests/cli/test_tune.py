@@ -93,6 +93,9 @@ def test_problems_from_arguments():
     with pytest.raises(ValueError, match="expected all four together, got experts=4, hidden=64, "
                                          "intermediate=None, top-k=None"):
         tune.problems_from_args(parse(["--experts", "4", "--hidden", "64"]))
+    with pytest.raises(ValueError, match=r"--top-k: routing chooses top_k distinct experts: expected at most "
+                                         r"--experts \(4\), got 8"):
+        tune.problems_from_args(parse(["--experts", "4", "--hidden", "64", "--intermediate", "32", "--top-k", "8"]))
     with pytest.raises(ValueError, match="--preset: expected one of"):
         tune.problems_from_args(parse(["--preset", "gpt-5"]))
     with pytest.raises(ValueError, match="--format: expected one of"):

@@ -10,23 +10,23 @@ from qmoe.parallel.ep import ExpertDispatch
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _inputs(W, T, M, k, H, E, seed):
+def _inputs(W, T, M, k, H, E, seed, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
     route = ExpertDispatch(None, 0, W, E, k, H, DEVICE)._route
     ids = torch.randint(-1, E, (M, k), generator=g, dtype=torch.int32)
     if M:
         ids[0, 0], ids[-1, -1] = E + 3, -5          # outside [-1, E): rank 0's bad id
-    x = torch.randn(M, H, generator=g).to(torch.bfloat16)
+    x = torch.randn(M, H, generator=g).to(dtype)
     w = torch.rand(M, k, generator=g)
-    stale = (torch.randn(W * T, H, generator=g).to(torch.bfloat16), torch.randint(0, 3, (W * T, k), generator=g,
+    stale = (torch.randn(W * T, H, generator=g).to(dtype), torch.randint(0, 3, (W * T, k), generator=g,
              dtype=torch.int32), torch.rand(W * T, k, generator=g))
     return [t.to(DEVICE) for t in (route, x, ids, w)], [t.to(DEVICE) for t in stale]
 
 
-@pytest.mark.parametrize("W,T,M,k,H,E", [(1, 4, 3, 2, 40, 8), (3, 5, 4, 3, 40, 10), (2, 3, 0, 4, 16, 8),
-                                         (4, 2, 2, 1, 1100, 8)])
-def test_kernel_equals_torch_and_the_rule(W, T, M, k, H, E):
-    (route, x, ids, w), stale = _inputs(W, T, M, k, H, E, seed=W * 100 + M)
+@pytest.mark.parametrize("W,T,M,k,H,E,dtype", [(1, 4, 3, 2, 40, 8, torch.bfloat16), (3, 5, 4, 3, 40, 10, torch.float32),
+                                               (2, 3, 0, 4, 16, 8, torch.bfloat16), (4, 2, 2, 1, 1100, 8, torch.float16)])
+def test_kernel_equals_torch_and_the_rule(W, T, M, k, H, E, dtype):
+    (route, x, ids, w), stale = _inputs(W, T, M, k, H, E, seed=W * 100 + M, dtype=dtype)
     outs = []
     for fill in (fill_send_rows, fill_send_rows_torch):
         sx, sids, sw = (t.clone() for t in stale)

@@ -181,3 +181,10 @@ def cuda_capability(device) -> tuple[int, int] | None:
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_capability(device)
+
+
+def warm_up_ids(spec: MoESpec, device) -> torch.Tensor:
+    """[1, top_k] int32 ids 0, 1, ..., top_k - 1 for a warm-up forward, -1 past num_experts (an
+    expert-parallel rank's local spec can have more slots than experts)."""
+    ids = torch.arange(spec.top_k, dtype=torch.int32, device=device)
+    return torch.where(ids < spec.num_experts, ids, -1).unsqueeze(0)

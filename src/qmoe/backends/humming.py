@@ -57,7 +57,7 @@ from ..kernels.peers import align, weighted_sum
 from ..spec import MoESpec, SwiGLU
 from ..weights import ExpertWeights, deinterleave_gate_up, interleave_gate_up
 from ..weights.compressed_tensors import from_pack_quantized, to_pack_quantized
-from .base import Backend, Prepared, Support, cuda_capability
+from .base import Backend, Prepared, Support, cuda_capability, warm_up_ids
 
 INSTALL_HINT = "pip install 'qmoe[humming]' (humming-kernels >= 0.1.19)"
 PAD_N, PAD_K = 256, 128
@@ -145,7 +145,7 @@ class HummingBackend(Backend):
         spec, dev, meta = prepared.spec, prepared.device, prepared.meta
         k, H, I = spec.top_k, meta["hidden_size"], meta["intermediate_size"]
         x = torch.zeros(1, H, dtype=torch.bfloat16, device=dev)
-        ids = torch.arange(k, dtype=torch.int32, device=dev).reshape(1, k)
+        ids = warm_up_ids(spec, dev)
         self.forward(prepared, x, ids, torch.ones(1, k, device=dev), torch.empty_like(x))
         cfg2 = meta["layers"]["w2"].config
         act_type, impl = meta["activation"]

@@ -54,7 +54,7 @@ import triton
 from ..spec import MoESpec
 from ..weights import ExpertWeights, deinterleave_gate_up, interleave_gate_up
 from ..kernels.peers import pack_bitmatrix, unpack_bitmatrix  # noqa: F401  (unpack: the inverse, for tests)
-from .base import Backend, Prepared, Support, cuda_capability
+from .base import Backend, Prepared, Support, cuda_capability, warm_up_ids
 
 INTERMEDIATE_ALIGN = 64   # vLLM rounds the intermediate size up to 64 for this backend on CUDA
 HIDDEN_ALIGN = 64         # HopperMXValueLayout tiles K in 64 values; vLLM never pads H here
@@ -222,7 +222,7 @@ def _warm_up(backend: TritonKernelsBackend, prepared: Prepared) -> None:
     or captured call."""
     spec, dev = prepared.spec, prepared.device
     x = torch.zeros(1, spec.hidden_size, dtype=torch.bfloat16, device=dev)
-    ids = torch.arange(spec.top_k, dtype=torch.int32, device=dev).unsqueeze(0)
+    ids = warm_up_ids(spec, dev)
     w = torch.full((1, spec.top_k), 1.0 / spec.top_k, device=dev)
     backend.forward(prepared, x, ids, w, torch.empty_like(x))
 

@@ -3,8 +3,9 @@ beside the ceilings of the same GPU measured at the start of the same run. A ben
 a test.
 
 Per cell: microseconds (median of CUDA-graph replays, the L2 flushed before each replay unless
---no-flush-l2; the replays of every backend at one M interleaved, one of each per round, so a
-GPU's clock drift under minutes of full-rate GEMMs reaches all backends alike: qmoe.timing.measure_many), GB/s of the distinct experts' packed weight bytes the call touches, TFLOP/s,
+--no-flush-l2; the replays of every backend at one M interleaved, one of each per round, so
+a GPU's clock drift under minutes of full-rate GEMMs reaches all backends alike:
+qmoe.timing.measure_many), GB/s of the distinct experts' packed weight bytes the call touches, TFLOP/s,
 % of the roofline floor, and the ratio to the best OTHER backend of the same cell, where
 floor = max(bytes / read bandwidth, FLOPs / bf16 GEMM rate) (qmoe.timing.floor_us), with
 bytes = distinct experts' weights + scales + biases + x read + out written (logical, unpadded).
@@ -203,8 +204,11 @@ def run_bench(problems, tokens, backends, *, device, reps=50, check=True, ref_ma
                     b, moe = moes[name]
                     cell.update(cell_metrics(spec, weights, ids, r["median_us"], roof, x.numel() * 2,
                                              x.numel() * 2))
-                    if "median_us" in t_layer.get(name, {}):
-                        cell["layer_us"] = t_layer[name]["median_us"]
+                    layer = t_layer.get(name, {})
+                    if "median_us" in layer:
+                        cell["layer_us"] = layer["median_us"]
+                    elif "error" in layer:
+                        cell["layer_error"] = layer["error"]
                     if name == "auto":
                         cell["runs"] = moe.backend_for(M)
                     cell["timed_with"] = r["method"] + (" (interleaved)" if r.get("interleaved") else "")

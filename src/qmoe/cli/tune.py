@@ -76,6 +76,9 @@ def problems_from_args(args) -> list:
                                                                      explicit)))
         if args.preset:
             raise ValueError("--preset: expected either presets or an explicit shape, got both")
+        if args.top_k > args.experts:  # the inputs are routed: before minutes of making weights
+            raise ValueError(f"--top-k: routing chooses top_k distinct experts: expected at most --experts "
+                             f"({args.experts}), got {args.top_k}")
         spec = MoESpec(args.experts, args.top_k, args.hidden, args.intermediate, name="custom")
         return [(spec, f) for f in (formats or ["mxfp4"])]
     return [(presets[n], f) for n, f in preset_problems(parse_presets(args.preset), formats)]

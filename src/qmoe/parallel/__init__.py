@@ -7,8 +7,10 @@
     run(x, topk_ids, topk_weights, out)        # on every rank, M = 0 included
 
 Expert parallelism (EP): rank r of W holds experts expert_range(E, r, W) (the first E % W ranks
-one more); each (token, slot) pair travels to its expert's rank as one row by all_to_all_single
-and its weighted output comes back; the source sums its k slots in slot order (qmoe.parallel.ep).
+one more); each token travels once to every rank that owns one of its experts by
+all_to_all_single, with its k slot ids (-1 for other ranks' experts), the owner computes the
+plain top_k problem over its slots, and the token's rank sums the partial outputs over the
+ranks in float32 (qmoe.parallel.ep).
 Tensor parallelism (TP): rank r holds intermediate_range(I, format, r, W) of every expert, cut
 on the format's blocks; partial outputs are all-reduced in float32, b2 added by rank 0 only
 (qmoe.parallel.tp, qmoe.parallel.shard). Both together form an EP x TP grid.

@@ -28,8 +28,9 @@ Two transports, the same rows:
 A group of one exchanges nothing and has one partial to sum, and its route is the identity on
 ids (every expert keeps its number, -1 stays -1, an id outside [-1, E) stays outside and is
 poisoned by the local plan): with fixed buffers its one chunk is the tokens themselves, so the
-local plan computes x with the given ids straight into out, adding no launch to plain qmoe.MoE;
-the counted transport runs its PyTorch steps as for W ranks.
+local plan computes x with the given ids straight into out. That adds no launch to plain
+qmoe.MoE with its default check_ids=True (a backend that does not poison bad ids itself gets the
+same run_poisoning steps there); the counted transport runs its PyTorch steps as for W ranks.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class ExpertDispatch:
         if n == 0:
             return y
         backend, run = plan.runner(n)
-        if backend.poisons_bad_ids:
+        if backend.poisons_bad_ids or self.rank != 0:  # bad ids are sent to rank 0 only
             return run(x, ids, w, y, shared_output)
         return run_poisoning(run, self.count, x, ids, w, y, shared_output)
 

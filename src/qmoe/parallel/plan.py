@@ -123,7 +123,7 @@ class ParallelPlan:
 
     def with_max_tokens(self, max_tokens: int | None) -> "ParallelPlan":
         """This plan with the other EP transport or other fixed buffers (a plan per captured
-        batch size, say: every call moves max_tokens x top_k rows per rank pair), sharing this
+        batch size, say: every call moves max_tokens rows per rank pair), sharing this
         plan's shard and local layouts (nothing is prepared again)."""
         _check_max_tokens(max_tokens, self.ep is not None)
         other = copy.copy(self)
@@ -229,8 +229,13 @@ class ParallelPlan:
         lines = []
         if self.ep is not None:
             first, count = self.experts
-            how = (f"fixed buffers of max_tokens = {self.max_tokens} rows per rank pair, no host sync"
-                   if self.max_tokens is not None else "counts exchanged on the host, then the rows needed")
+            if self.ep.size == 1:
+                how = ("a group of one: no exchange, x and the ids go to the local experts as they are"
+                       if self.max_tokens is not None else "a group of one: counts on the host, no exchange")
+            elif self.max_tokens is not None:
+                how = f"fixed buffers of max_tokens = {self.max_tokens} rows per rank pair, no host sync"
+            else:
+                how = "counts exchanged on the host, then the rows needed"
             lines.append(f"expert parallel over {self.ep.size} ranks: rank {self.ep.rank} holds experts "
                          f"{first}-{first + count - 1} of {self.spec.num_experts}; each token goes once to "
                          f"each rank owning one of its experts by all_to_all_single ({how}); the partial "
