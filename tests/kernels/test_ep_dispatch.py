@@ -52,3 +52,34 @@ def test_kernel_equals_torch_and_the_rule(W, T, M, k, H, E, dtype):
     stale_x = stale[0].view(W, T, -1).cpu()
     assert torch.equal(sx[:, M:], stale_x[:, M:]), "rows past M keep their x"
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_send_rows_and_combine_replay_in_a_cuda_graph():
+    """The W > 1 fixed transport's own steps (send rows, combine) captured once and replayed with
+    new tokens: the same result as the PyTorch twin every time (the collective between them is
+    the multi-GPU issue's)."""
+    from qmoe.parallel.ep import combine
+    from qmoe.timing import capture_graph
+
+    W, T, M, k, H, E = 4, 8, 8, 4, 256, 16
+    (route, x, ids, w), (sx, sids, sw) = _inputs(W, T, M, k, H, E, seed=5)
+    out = torch.empty_like(x)
+
+    def step():
+        fill_send_rows(route, x, ids, w, sx, sids, sw)
+        combine(sx.view(W, T, H)[:, :M], out)
+
+    graph = capture_graph(step)
+    for seed in (11, 12):
+        (_, x2, ids2, w2), _ = _inputs(W, T, M, k, H, E, seed=seed)
+        for static, new in ((x, x2), (ids, ids2), (w, w2)):
+            static.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        tx, tids, tw = (t.clone() for t in (sx, sids, sw))
+        fill_send_rows_torch(route, x, ids, w, tx, tids, tw)
+        assert torch.equal(sx, tx) and torch.equal(sids, tids) and torch.equal(sw, tw)
+        assert torch.equal(out, combine(tx.view(W, T, H)[:, :M], torch.empty_like(out)))
+        assert torch.equal(out[0], x[0] * W), "every chunk holds the token: the sum over W ranks"
