@@ -188,3 +188,22 @@ def warm_up_ids(spec: MoESpec, device) -> torch.Tensor:
     expert-parallel rank's local spec can have more slots than experts)."""
     ids = torch.arange(spec.top_k, dtype=torch.int32, device=device)
     return torch.where(ids < spec.num_experts, ids, -1).unsqueeze(0)
+
+
+def output_buffer(out: torch.Tensor, cols: int) -> torch.Tensor:
+    """Where a kernel that writes bf16 rows of `cols` columns should write a call's result: out
+    itself when it can (bf16, contiguous, cols == out.shape[1]), else a new bf16 [M, cols] tensor
+    on out's device that `finish_output` copies from. out: [M, H] float."""
+    if cols == out.shape[1] and out.dtype == torch.bfloat16 and out.is_contiguous():
+        return out
+    return torch.empty(out.shape[0], cols, dtype=torch.bfloat16, device=out.device)
+
+
+def finish_output(out: torch.Tensor, y: torch.Tensor, shared_output: torch.Tensor | None = None) -> torch.Tensor:
+    """out <- the first H columns of the kernel's result y ([M, >= H]; nothing is copied when y
+    is out itself), then + shared_output ([M, H] or None). Returns out."""
+    if y.data_ptr() != out.data_ptr():
+        out.copy_(y[:, :out.shape[1]])
+    if shared_output is not None:
+        out.add_(shared_output)
+    return out

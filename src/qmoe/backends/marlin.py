@@ -59,7 +59,7 @@ from ..formats import block_size
 from ..spec import MoESpec
 from ..weights import ExpertWeights
 from . import _vllm_ops
-from .base import Backend, Prepared, Support, cuda_capability
+from .base import Backend, Prepared, Support, cuda_capability, finish_output, output_buffer
 
 TILE = 16
 MAX_BLOCKS_PER_SM = 4  # vLLM's MARLIN_MAX_BLOCKS_PER_SM: the workspace holds SMs x 4 locks
@@ -201,14 +201,9 @@ class MarlinBackend(Backend):
         y = torch.empty(M * k, Hp, dtype=bf16, device=dev)
         ops.moe_wna16_marlin_gemm(act, y, t["w2"], t.get("b2"), t["s2"], t.get("g2"), top_k=1,
                                   mul_topk_weights=True, size_m=M * k, size_n=Hp, size_k=Ip, **route)
-        direct = Hp == H and out.dtype == bf16 and out.is_contiguous()
-        dst = out if direct else torch.empty(M, Hp, dtype=bf16, device=dev)
+        dst = output_buffer(out, Hp)
         ops.moe_sum(y.view(M, k, Hp), dst, ids, t["expert_map"])
-        if not direct:
-            out.copy_(dst[:, :H])
-        if shared_output is not None:
-            out.add_(shared_output)
-        return out
+        return finish_output(out, dst, shared_output)
 
 
 # ---- sizes -------------------------------------------------------------------------------------

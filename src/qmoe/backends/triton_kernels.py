@@ -54,7 +54,7 @@ import triton
 from ..spec import MoESpec
 from ..weights import ExpertWeights, deinterleave_gate_up, interleave_gate_up
 from ..kernels.peers import pack_bitmatrix, unpack_bitmatrix  # noqa: F401  (unpack: the inverse, for tests)
-from .base import Backend, Prepared, Support, cuda_capability, warm_up_ids
+from .base import Backend, Prepared, Support, cuda_capability, finish_output, output_buffer, warm_up_ids
 
 INTERMEDIATE_ALIGN = 64   # vLLM rounds the intermediate size up to 64 for this backend on CUDA
 HIDDEN_ALIGN = 64         # HopperMXValueLayout tiles K in 64 values; vLLM never pads H here
@@ -151,17 +151,12 @@ class TritonKernelsBackend(Backend):
             return out
         meta = prepared.meta
         xb = x.to(torch.bfloat16).contiguous()
-        direct = out.dtype == torch.bfloat16 and out.is_contiguous()
-        buf = out if direct else torch.empty(M, meta["hidden_size"], dtype=torch.bfloat16, device=x.device)
+        buf = output_buffer(out, meta["hidden_size"])
         if meta["generation"] == "matmul_ogs":
             _experts_matmul_ogs(prepared, xb, topk_ids, topk_weights, buf)
         else:
             _experts_matmul(prepared, xb, topk_ids, topk_weights, buf)
-        if not direct:
-            out.copy_(buf)
-        if shared_output is not None:
-            out.add_(shared_output)
-        return out
+        return finish_output(out, buf, shared_output)
 
 
 BACKEND = TritonKernelsBackend()

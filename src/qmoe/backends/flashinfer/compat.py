@@ -295,15 +295,6 @@ def first_tensor(result, name: str) -> torch.Tensor:
                        f"whose first element is the output")
 
 
-def write_out(result, name: str, out: torch.Tensor, cols: int) -> torch.Tensor:
-    """Copy the first `cols` columns of the op's output into `out` unless the op already
-    wrote there (it was given `out` itself as its output buffer). Returns out."""
-    y = first_tensor(result, name)
-    if y.data_ptr() != out.data_ptr():
-        out.copy_(y[:, :cols])
-    return out
-
-
 def routable(topk_ids: torch.Tensor, topk_weights: torch.Tensor):
     """topk_ids [M, k] int, topk_weights [M, k] float -> (ids int32, weights fp32) where an id
     of -1 (expert not on this rank) becomes expert 0 with weight 0: FlashInfer's kernels take
@@ -373,7 +364,7 @@ def pad_last2(t: torch.Tensor, rows: int, cols: int, fill=0) -> torch.Tensor:
 __all__ = ["FORCE_ENV", "KNOWN_DEFECTS", "HARDWARE_CHECKED", "Defect", "FlashInfer", "check_prepared",
            "device_capability", "first_tensor", "forced", "gate", "gate_up", "has_module", "known_defect", "load",
            "pad_cols", "pad_last2", "padded", "quiet_logging", "routable", "stamp", "up_gate",
-           "version_key", "write_out"]
+           "version_key"]
 
 
 _BSI_PLACES = ("flashinfer.fp4_quantization", "flashinfer.quantization.fp4_quantization")

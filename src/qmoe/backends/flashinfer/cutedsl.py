@@ -25,7 +25,7 @@ import torch
 from ...spec import MoESpec
 from ...weights import ExpertWeights
 from . import compat
-from ..base import Prepared, Support
+from ..base import Prepared, Support, finish_output, output_buffer
 
 PATH = "cutedsl_nvfp4_w4a16"
 _FM = "flashinfer.fused_moe"
@@ -119,10 +119,9 @@ class FlashInferCuteDslBackend(compat.FlashInferBackend):
         if M == 0:
             return out
         t, meta, spec = prepared.tensors, prepared.meta, prepared.spec
-        H, Hp = meta["hidden_size"], meta["hidden_padded"]
+        Hp = meta["hidden_padded"]
         ids, w = compat.routable(topk_ids, topk_weights)
-        direct = Hp == H and out.dtype == torch.bfloat16 and out.is_contiguous()
-        buf = out if direct else torch.empty(M, Hp, dtype=torch.bfloat16, device=x.device)
+        buf = output_buffer(out, Hp)
         alpha, beta, limit = meta["swiglu"]
         result = fi.call(_FM, _KERNEL, {
             "x": compat.pad_cols(x.to(torch.bfloat16), Hp).contiguous(), "x_sf": None, "token_selected_experts": ids,
@@ -131,10 +130,7 @@ class FlashInferCuteDslBackend(compat.FlashInferBackend):
             "num_experts": spec.num_experts, "top_k": spec.top_k, "moe_output": buf,
             "swiglu_alpha": alpha, "swiglu_beta": beta, "swiglu_limit": limit, "quant_mode": "w4a16"},
             optional={"output_dtype": torch.bfloat16})
-        compat.write_out(result, _KERNEL, out, H)
-        if shared_output is not None:
-            out.add_(shared_output)
-        return out
+        return finish_output(out, compat.first_tensor(result, _KERNEL), shared_output)
 
 
 BACKEND = FlashInferCuteDslBackend()

@@ -28,7 +28,7 @@ import torch
 from ...spec import MoESpec
 from ...weights import ExpertWeights
 from . import compat
-from ..base import Prepared, Support
+from ..base import Prepared, Support, finish_output, output_buffer
 
 PATH = "cutlass_sm90_w4a16"
 _FM = "flashinfer.fused_moe"
@@ -124,10 +124,9 @@ class FlashInferCutlassBackend(compat.FlashInferBackend):
         if M == 0:  # some FlashInfer kernels crash on empty batches
             return out
         t, meta = prepared.tensors, prepared.meta
-        H, Hp = meta["hidden_size"], meta["hidden_padded"]
+        Hp = meta["hidden_padded"]
         ids, w = compat.routable_spare(topk_ids, topk_weights, meta["num_experts"])
-        direct = Hp == H and out.dtype == torch.bfloat16 and out.is_contiguous()
-        buf = out if direct else torch.empty(M, Hp, dtype=torch.bfloat16, device=x.device)
+        buf = output_buffer(out, Hp)
         result = fi.call(_FM, "cutlass_fused_moe", {
             "input": compat.pad_cols(x.to(torch.bfloat16), Hp).contiguous(), "token_selected_experts": ids,
             "token_final_scales": w, "fc1_expert_weights": t["w13"], "fc2_expert_weights": t["w2"],
@@ -135,10 +134,7 @@ class FlashInferCutlassBackend(compat.FlashInferBackend):
             "fc1_expert_biases": t.get("b13"), "fc2_expert_biases": t.get("b2"),
             "swiglu_alpha": t.get("alpha"), "swiglu_beta": t.get("beta"), "swiglu_limit": t.get("limit"),
             "output": buf, "use_w4_group_scaling": True})
-        compat.write_out(result, "cutlass_fused_moe", out, H)
-        if shared_output is not None:
-            out.add_(shared_output)
-        return out
+        return finish_output(out, compat.first_tensor(result, "cutlass_fused_moe"), shared_output)
 
 
 BACKEND = FlashInferCutlassBackend()

@@ -30,7 +30,7 @@ import torch
 from ...spec import MoESpec
 from ...weights import ExpertWeights
 from . import compat
-from ..base import Prepared, Support
+from ..base import Prepared, Support, finish_output, output_buffer
 
 _FM = "flashinfer.fused_moe"
 _CORE = "flashinfer.fused_moe.core"
@@ -181,11 +181,10 @@ class FlashInferTrtllmBackend(compat.FlashInferBackend):
         if M == 0:  # trtllm-gen kernels must not see empty batches
             return out
         t, meta, spec = prepared.tensors, prepared.meta, prepared.spec
-        H, Hp = meta["hidden_size"], meta["hidden_padded"]
+        Hp = meta["hidden_padded"]
         ids, w = compat.routable(topk_ids, topk_weights)
         routing = (ids, w) if meta["routing_tuple"] else pack_topk(ids, w)
-        direct = Hp == H and out.dtype == torch.bfloat16 and out.is_contiguous()
-        buf = out if direct else torch.empty(M, Hp, dtype=torch.bfloat16, device=x.device)
+        buf = output_buffer(out, Hp)
         E = spec.num_experts
         kw = {"topk_ids": routing, "hidden_states": compat.pad_cols(x.to(torch.bfloat16), Hp).contiguous(),
               "gemm1_weights": t["w13"], "gemm1_weights_scale": t["s13"], "gemm1_alpha": t.get("alpha"),
@@ -201,10 +200,7 @@ class FlashInferTrtllmBackend(compat.FlashInferBackend):
         else:
             name = _PATHS["int4"][1]
         result = fi.call(_FM, name, kw, optional={"do_finalize": True})
-        compat.write_out(result, name, out, H)
-        if shared_output is not None:
-            out.add_(shared_output)
-        return out
+        return finish_output(out, compat.first_tensor(result, name), shared_output)
 
 
 def pack_topk(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
