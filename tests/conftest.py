@@ -45,6 +45,36 @@ def random_weights(spec: qmoe.MoESpec, fmt="mxfp4", seed=0, bias=None) -> qmoe.E
     return qmoe.ExpertWeights.from_float(w13, w2, fmt, b13, b2)
 
 
+def assert_same_weights(a: qmoe.ExpertWeights, b: qmoe.ExpertWeights) -> None:
+    """a and b hold the same canonical weights, bitwise: shapes, formats, packed data, scales,
+    global scales and biases (absent in both or equal)."""
+    for name in ("w13", "w2"):
+        qa, qb = getattr(a, name), getattr(b, name)
+        assert qa.shape == qb.shape and qa.format == qb.format, name
+        for part in ("data", "scales", "global_scale"):
+            ta, tb = getattr(qa, part), getattr(qb, part)
+            assert (ta is None) == (tb is None), f"{name}.{part}"
+            assert ta is None or torch.equal(ta.view(torch.uint8), tb.view(torch.uint8)), f"{name}.{part}"
+    for name in ("b13", "b2"):
+        ta, tb = getattr(a, name), getattr(b, name)
+        assert (ta is None) == (tb is None) and (ta is None or torch.equal(ta, tb)), name
+
+
+def save_hand_built(path, tensors: dict, experts: list, skip=None, extra=None):
+    """Write a hand-built per-expert checkpoint and return what it must load as.
+
+    tensors: name -> tensor as the file holds them; experts: per expert {"gate_proj", "up_proj",
+    "down_proj": float64 [N, K] matrices the tensors encode}; skip: names to leave out; extra:
+    names to add or replace. Returns (w13 [E, 2I, H], w2 [E, H, I]) float64, canonical order."""
+    from safetensors.torch import save_file
+
+    tensors = {n: t for n, t in tensors.items() if n not in (skip or ())}
+    tensors.update(extra or {})
+    save_file(tensors, str(path))
+    w13 = torch.stack([torch.cat((m["gate_proj"], m["up_proj"])) for m in experts])
+    return w13, torch.stack([m["down_proj"] for m in experts])
+
+
 def moe_inputs(spec, M, seed=0):
     """x [M, H] bf16, topk_ids [M, k] int32 (distinct experts), topk_weights [M, k] fp32 (softmax)."""
     g = torch.Generator().manual_seed(seed)

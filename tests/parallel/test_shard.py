@@ -3,7 +3,7 @@ inverses (in-process: no torch.distributed)."""
 
 import pytest
 import torch
-from conftest import random_weights, small_spec
+from conftest import assert_same_weights, random_weights, small_spec
 
 import qmoe
 from qmoe.parallel import (ParallelPlan, expert_range, gather_experts, gather_intermediate, intermediate_range,
@@ -41,18 +41,6 @@ def test_range_errors(call, match):
         call()
 
 
-def _same_weights(a, b):
-    for name in ("w13", "w2"):
-        qa, qb = getattr(a, name), getattr(b, name)
-        assert qa.shape == qb.shape and qa.format == qb.format
-        for part in ("data", "scales", "global_scale"):
-            ta, tb = getattr(qa, part), getattr(qb, part)
-            assert (ta is None) == (tb is None) and (ta is None or torch.equal(ta.view(torch.uint8), tb.view(torch.uint8)))
-    for name in ("b13", "b2"):
-        ta, tb = getattr(a, name), getattr(b, name)
-        assert (ta is None) == (tb is None) and (ta is None or torch.equal(ta, tb))
-
-
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4", "bf16"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_experts_round_trip(fmt, world):
@@ -60,7 +48,7 @@ def test_experts_round_trip(fmt, world):
     w = random_weights(spec, fmt)
     shards = [shard_experts(w, r, world) for r in range(world)]
     assert [s.num_experts for s in shards] == [expert_range(10, r, world)[1] for r in range(world)]
-    _same_weights(gather_experts(shards), w)
+    assert_same_weights(gather_experts(shards), w)
     first, count = expert_range(10, world - 1, world)
     assert torch.equal(shards[-1].w2.data, w.w2.data[first:first + count])
 
@@ -71,7 +59,7 @@ def test_intermediate_round_trip(fmt, world):
     spec = small_spec(E=3, H=64, I=160)
     w = random_weights(spec, fmt)
     shards = [shard_intermediate(w, r, world) for r in range(world)]
-    _same_weights(gather_intermediate(shards), w)
+    assert_same_weights(gather_intermediate(shards), w)
     for r, s in enumerate(shards):
         lo, hi = intermediate_range(160, fmt, r, world)
         assert s.intermediate_size == hi - lo
@@ -120,7 +108,7 @@ def test_plan_shapes_of_weights(monkeypatch):
     whole = ParallelPlan(spec, w, "reference", ep_group=object(), tp_group=object())
     shard = ParallelPlan(spec, shard_weights(w, ep_rank=1, ep_size=2, tp_rank=1, tp_size=2), "reference",
                          ep_group=object(), tp_group=object())
-    _same_weights(whole.weights, shard.weights)
+    assert_same_weights(whole.weights, shard.weights)
     given = ParallelPlan(spec, shard_experts(w, 1, 2), "reference", ep_group=object(), tp_group=object())
     assert not given.weights.b2.any(), "a given shard's b2 is rank 0's to add"
     assert whole.local_spec == qmoe.MoESpec(4, spec.top_k, spec.hidden_size, 32, spec.activation, bias=True, name=spec.name)

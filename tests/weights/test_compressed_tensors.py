@@ -3,7 +3,7 @@ hand-built files, malformed files."""
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from conftest import assert_same_weights, save_hand_built
 
 import qmoe
 from qmoe.weights import load_compressed_tensors, save_compressed_tensors
@@ -50,9 +50,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
     save_compressed_tensors(tmp_path / "ck.safetensors", {PREFIX: w})
     back = load_compressed_tensors(tmp_path / "ck.safetensors", PREFIX)
     assert back.format == "int4" and not back.has_bias
-    for a, b in ((w.w13, back.w13), (w.w2, back.w2)):
-        assert a.shape == b.shape
-        assert torch.equal(a.data, b.data) and torch.equal(a.scales, b.scales)
+    assert_same_weights(back, w)
 
 
 def hand_built(g, N, K, scale_dtype=torch.bfloat16, bf16_values=True):
@@ -66,7 +64,7 @@ def write_hand_built(path, scale_dtype=torch.bfloat16, skip=None, extra=None, bf
     """A checkpoint written tensor by tensor from integer values and scales; returns the float64
     canonical w13, w2 it must load as."""
     g = torch.Generator().manual_seed(1)
-    tensors, w13, w2 = {}, [], []
+    tensors, experts = {}, []
     for e in range(E):
         mats = {}
         for proj, (N, K) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
@@ -76,13 +74,8 @@ def write_hand_built(path, scale_dtype=torch.bfloat16, skip=None, extra=None, bf
             tensors[p + ".weight_scale"] = scales
             tensors[p + ".weight_shape"] = torch.tensor([N, K])
             mats[proj] = values.double() * scales.double().repeat_interleave(32, dim=1)
-        w13.append(torch.cat((mats["gate_proj"], mats["up_proj"])))
-        w2.append(mats["down_proj"])
-    for name in skip or ():
-        del tensors[name]
-    tensors.update(extra or {})
-    save_file(tensors, str(path))
-    return torch.stack(w13), torch.stack(w2)
+        experts.append(mats)
+    return save_hand_built(path, tensors, experts, skip, extra)
 
 
 def test_hand_built_file_loads_as_its_values(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from conftest import assert_same_weights
 
 import qmoe
 from qmoe import ExpertWeights, load_gpt_oss, save_gpt_oss
@@ -102,10 +103,7 @@ def random_layer(seed):
 
 
 def assert_same_layer(a, b):
-    wa, wb = a[0], b[0]
-    for qa, qb in ((wa.w13, wb.w13), (wa.w2, wb.w2)):
-        assert qa.shape == qb.shape and torch.equal(qa.data, qb.data) and torch.equal(qa.scales, qb.scales)
-    assert torch.equal(wa.b13, wb.b13) and torch.equal(wa.b2, wb.b2)
+    assert_same_weights(a[0], b[0])
     assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
 
 

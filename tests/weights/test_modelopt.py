@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from conftest import assert_same_weights, save_hand_built
 
 import qmoe
 from qmoe.weights import load_modelopt_nvfp4, save_modelopt_nvfp4
@@ -21,18 +21,14 @@ def test_save_load_round_trip_is_exact(tmp_path):
     save_modelopt_nvfp4(tmp_path / "ck.safetensors", {PREFIX: w})
     back = load_modelopt_nvfp4(tmp_path / "ck.safetensors", PREFIX)
     assert back.format == "nvfp4" and not back.has_bias
-    for a, b in ((w.w13, back.w13), (w.w2, back.w2)):
-        assert a.shape == b.shape
-        assert torch.equal(a.data, b.data)
-        assert torch.equal(a.scales.view(torch.uint8), b.scales.view(torch.uint8))
-        assert torch.equal(a.global_scale, b.global_scale)
+    assert_same_weights(back, w)
 
 
 def write_hand_built(path, g2_up=None, scale_2_shape=(), extra=None, skip=None):
     """Codes, e4m3 scales and global scales drawn per matrix and packed by hand (low nibble = even
     element); returns the float64 w13, w2 they must load as (code * scale * scale_2)."""
     g = torch.Generator().manual_seed(3)
-    tensors, w13, w2 = {}, [], []
+    tensors, experts = {}, []
     for e in range(E):
         gs = torch.rand((), generator=g) * 1e-2 + 1e-3
         mats = {}
@@ -48,13 +44,8 @@ def write_hand_built(path, g2_up=None, scale_2_shape=(), extra=None, skip=None):
             tensors[p + ".input_scale"] = torch.tensor(1.0)
             v = torch.tensor(E2M1, dtype=torch.float64)[codes]
             mats[proj] = v * scales.double().repeat_interleave(16, dim=1) * float(s2)
-        w13.append(torch.cat((mats["gate_proj"], mats["up_proj"])))
-        w2.append(mats["down_proj"])
-    for name in skip or ():
-        del tensors[name]
-    tensors.update(extra or {})
-    save_file(tensors, str(path))
-    return torch.stack(w13), torch.stack(w2)
+        experts.append(mats)
+    return save_hand_built(path, tensors, experts, skip, extra)
 
 
 @pytest.mark.parametrize("scale_2_shape", [(), (1,)])
