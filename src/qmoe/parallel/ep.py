@@ -72,6 +72,10 @@ class ExpertDispatch:
         route[0, E] = expert_range(E, 0, W)[1]
         self._route = route.to(self.device)
         self._buffers = {}
+        if size > 1:  # the send rows: one Triton launch on GPUs, its PyTorch twin elsewhere (chosen once)
+            from ..kernels import ep_dispatch
+
+            self._fill = ep_dispatch.fill_send_rows if self.device.type == "cuda" else ep_dispatch.fill_send_rows_torch
 
     # --- the transport ---------------------------------------------------------------------
     def _all_to_all(self, send, recv, send_splits=None, recv_splits=None):
@@ -159,24 +163,13 @@ class ExpertDispatch:
         if W == 1:  # the chunk is x itself, its route the identity on ids, the one partial out
             return self._compute(plan, x, topk_ids, topk_weights, out, shared_output)
         b = self.buffers(x.dtype)
-        _fill_send_rows(x)(self._route, x, topk_ids, topk_weights, b.send_x, b.send_ids, b.send_w)
+        self._fill(self._route, x, topk_ids, topk_weights, b.send_x, b.send_ids, b.send_w)
         recv_x = self._all_to_all(b.send_x, b.recv_x)
         recv_ids = self._all_to_all(b.send_ids, b.recv_ids)
         recv_w = self._all_to_all(b.send_w, b.recv_w)
         self._compute(plan, recv_x, recv_ids, recv_w, b.y)
         back = self._all_to_all(b.y, b.back)
         return combine(back.view(W, T, H)[:, :M], out, shared_output)
-
-
-def _fill_send_rows(x):
-    """The Triton dispatch launch for CUDA tensors, its PyTorch twin elsewhere."""
-    if x.is_cuda:
-        from ..kernels.ep_dispatch import fill_send_rows
-
-        return fill_send_rows
-    from ..kernels.ep_dispatch import fill_send_rows_torch
-
-    return fill_send_rows_torch
 
 
 def combine(partial: torch.Tensor, out: torch.Tensor, shared_output: torch.Tensor | None = None) -> torch.Tensor:
