@@ -13,6 +13,7 @@ without the SwiGLU limit; exits 1 when they differ. Options: --triton /tmp/t36 (
 import argparse
 import difflib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,10 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 GEMM1 = {"x_ptr": "*bf16", "stride_xm": "i32", "w_ptr": "*u8", "s_ptr": "*u8", "gs_ptr": "*fp32", "b_ptr": "*fp32",
          "inter_ptr": "*bf16", "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "ids_ptr": "*i32", "MK": "i32",
          "E": "i32", "H": "i32", "Ip": "i32", "Kp": "i32", "top_k": "i32", "n_tiles": "i32", "KB": "i32",
-         "NSC": "i32", "alpha": "fp32", "beta": "fp32", "limit": "fp32"}
+         "NSC": "i32", "alpha": "fp32", "beta": "fp32", "limit": "fp32",
+         "part_ptr": "*fp32", "lock_ptr": "*i32", "part_stride": "i32"}
+NEW_CONSTEXPRS = {"SPLIT": 1}
+"""Constexprs a later revision added, at the value that keeps the earlier code path."""
 
 
 def load_revision(rev: str, tmp: str):
@@ -43,9 +47,11 @@ def load_revision(rev: str, tmp: str):
 
 
 def instructions(ptx: str) -> list:
+    """The PTX's instruction lines; parameter declarations dropped and parameter numbers erased,
+    so that a kernel that only gained arguments (unused on this path) compares equal."""
     code = ptx.split(".section\t.debug")[0].split(".section .debug")[0]
-    return [ln for ln in code.splitlines()
-            if ln.strip() and not ln.strip().startswith(("//", ".file", ".loc", "$L__tmp"))]
+    return [re.sub(r"_param_\d+", "_param_N", ln) for ln in code.splitlines()
+            if ln.strip() and not ln.strip().startswith(("//", ".file", ".loc", "$L__tmp", ".param"))]
 
 
 def main():
@@ -70,8 +76,10 @@ def main():
                          ASM=True, U=4, FOLD=True, DIRECT=False, MKP=16, PDL=False)
             ptx = []
             for mod in (old, tree):
-                sig = dict(GEMM1, **{k: "constexpr" for k in const})
-                ck = triton.compile(ASTSource(fn=mod.moe_gemm1_kernel, signature=sig, constexprs=const),
+                fn = mod.moe_gemm1_kernel
+                cx = dict(const, **{k: v for k, v in NEW_CONSTEXPRS.items() if k in fn.arg_names})
+                sig = {a: "constexpr" if a in cx else GEMM1[a] for a in fn.arg_names}
+                ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx),
                                     target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 3})
                 ptx.append(instructions(ck.asm["ptx"]))
             ok = ptx[0] == ptx[1]

@@ -29,7 +29,7 @@ if [ -d .peers/wheels ] && [ ! -d $SITE/humming ]; then
   chmod +x $SITE/humming/_native/*/* 2>/dev/null
 fi
 export PYTHONPATH=src:.peers:$SITE
-BACKENDS="triton,triton_kernels,marlin,humming"
+BACKENDS=${BACKENDS:-"triton,triton_kernels,marlin,humming"}
 if [ -d .whl ] && [ -f .fi_build/fi_sm90_build.json ]; then
   if [ ! -d /tmp/qmoe_fi_check/site/flashinfer ]; then
     python3 scripts/device/flashinfer_build.py install --wheels .whl 2>&1 | tail -1
@@ -60,7 +60,7 @@ step() {
       echo "bench rc=$?"; grep -v "^qmoe bench \[" "$OUT/bench.log" | tail -60 ;;
     tune)
       timeout ${T_TUNE:-420} python3 -m qmoe tune --preset "$PRESETS" --backend "$BACKENDS" --tokens "$TOKENS" \
-        ${TUNE_KERNELS---kernels} --reps ${REPS:-20} > "$OUT/tune.log" 2>&1
+        ${TUNE_KERNELS---kernels --kernel-report $OUT/kernel_report.json} --reps ${REPS:-20} > "$OUT/tune.log" 2>&1
       echo "tune rc=$?"; tail -30 "$OUT/tune.log" ;;
     check)
       timeout ${T_CHECK:-300} python3 -m qmoe check --preset "$PRESETS" --backend "$BACKENDS" \
@@ -76,7 +76,7 @@ step() {
       # 109 kernels x 18 replay passes did not end in 330 s (session 4), so only the GEMMs are
       # profiled (30 kernels for the defaults: about 2.5 s each, plus a minute of set-up).
       timeout ${T_NCU:-300} $NCU --profile-from-start off --clock-control none \
-        --kernel-name regex:"${NCU_KERNELS:-moe_gemm|humming|Marlin|matmul}" --section SpeedOfLight \
+        --kernel-name regex:"${NCU_KERNELS:-moe_gemm|humming|Marlin|matmul}" --section SpeedOfLight --section ComputeWorkloadAnalysis --section InstructionStats \
         --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
         python3 scripts/device/prof_decode.py --presets ${NCU_PRESETS:-gpt-oss-120b,kimi-k2.5} \
         --backends ${NCU_BACKENDS:-triton,humming,marlin} --tokens ${NCU_TOKENS:-16,64} > "$OUT/ncu_decode.txt" 2>&1

@@ -310,12 +310,26 @@ def test_missing_experts_contribute_nothing(fake, fmt_weights):
 
 
 def test_a_raw_minus_one_is_out_of_bounds_for_the_align_op(fake):
-    """Why ids go through the expert map: moe_align_block_size reads -1 as an index."""
+    """Why the expert map carries a guard word before it: moe_align_block_size reads an id as an
+    index, so -1 reads the word before the map (or, without a map, counts expert -1)."""
     ops, _ = _vllm_ops.load(fake.namespace)
     ids = torch.tensor([[0, -1]], dtype=torch.int32)
     buf = [torch.empty(n, dtype=torch.int32) for n in (*_vllm_ops.align_sizes(2, 4, 8), 1)]
     with pytest.raises(RuntimeError, match="out of bounds"):
         ops.moe_align_block_size(ids, 4, 8, *buf, expert_map=torch.arange(4, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        ops.moe_align_block_size(ids, 4, 8, *buf, expert_map=None)
+    guarded = torch.tensor([-1, 0, 1, 2, 3], dtype=torch.int32)[1:]
+    ops.moe_align_block_size(ids, 4, 8, *buf, expert_map=guarded)
+    assert buf[0][:8].tolist() == [0] + [2] * 7  # slot 0 (expert 0) placed, slot 1 (id -1) nowhere
+    assert buf[2].item() == 8
+
+
+def test_prepared_expert_map_has_its_guard_word(fake, fmt_weights):
+    _, w = fmt_weights
+    emap = BACKEND.prepare(SPEC, w).tensors["expert_map"]
+    E = SPEC.num_experts
+    assert emap.tolist() == [-1, *range(E), -1]
 
 
 def test_zero_tokens_return_out_untouched(fake, fmt_weights):

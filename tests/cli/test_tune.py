@@ -78,9 +78,17 @@ def test_kernels_flag_calls_backend_tune_and_reports_it(tmp_path, capsys):
     assert 'test_tune:KERNEL_TUNER kernel tuning for custom int4: {"buckets": {"1": {"config": {"block_m": 16}, ' \
            '"default_us": 2.0, "us": 1.0}}, "gpu": "cpu", "path": null}' in out
 
+    report = tmp_path / "kernels.json"
+    assert tune.run(parse([*argv, "--kernel-report", str(report)])) == 0
+    (r,) = json.loads(report.read_text())
+    assert (r["problem"], r["backend"]) == ("custom int4", "test_tune:KERNEL_TUNER")
+    assert r["result"]["buckets"] == {"1": {"config": {"block_m": 16}, "us": 1.0, "default_us": 2.0}}
+
     argv[argv.index("test_tune:KERNEL_TUNER")] = "reference"
     assert tune.run(parse(argv)) == 0
     assert "kernel tuning unavailable for custom int4: no usable backend offers it" in capsys.readouterr().out
+    assert tune.run(parse([*argv[:-3], "--kernel-report", str(report)])) == 2
+    assert "--kernel-report needs --kernels" in capsys.readouterr().err
 
 
 def test_problems_from_arguments():

@@ -68,6 +68,8 @@ def test_matches_reference(fmt, E, k, H, I, M):
 
 @pytest.mark.parametrize("cfg", [KernelConfig(16, 32, 64, False, k_unroll=2), KernelConfig(32, 64, 32, False),
                                  KernelConfig(16, 32, 32, False, k_unroll=2, split_k=2),
+                                 KernelConfig(16, 32, 32, False, k_unroll=2, split_k=4, split_k1=2),
+                                 KernelConfig(16, 32, 32, False, k_unroll=1, split_k=2, split_k1=4, direct=True),
                                  KernelConfig(64, 128, 128, False, num_warps=8)])
 def test_configs_agree(cfg):
     spec, w = make(8, 4, 160, 96, "mxfp4")
@@ -77,6 +79,39 @@ def test_configs_agree(cfg):
     out = torch.full((21, 160), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     b.forward(prep, x, ids, tw, out, config=cfg)
     assert rel_err(out, reference_moe(spec, w, x, ids, tw)) < TOL
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_split_k_gemm1_is_deterministic_and_leaves_its_counters_at_zero(fmt):
+    """GEMM1 in 4 K parts (the last program of each tile adds the partial sums in split order):
+    two calls agree bitwise, match the reference, and every counter is back at 0 after a call.
+    H = 160 gives 3 chunks of 64 (nvfp4: 5 of 32) for 4 parts: some parts are empty or hold only
+    the masked tail."""
+    from qmoe.kernels import moe as kmoe
+
+    spec, w = make(8, 4, 160, 96, fmt, seed=7)
+    b = get_backend("triton")
+    prep = b.prepare(spec, w)
+    x, ids, tw = inputs(spec, 5, seed=11)
+    cfg = KernelConfig(16, 32, 32, False, k_unroll=1, split_k=2, split_k1=4)
+    outs = []
+    for _ in range(2):
+        out = torch.full((5, 160), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        b.forward(prep, x, ids, tw, out, config=cfg)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert rel_err(outs[0], reference_moe(spec, w, x, ids, tw)) < TOL
+    assert not kmoe.split_counters(torch.device(DEVICE), 1).any()
+
+
+def test_split_k_configs_are_not_invariant_and_refuse_bad_counts():
+    from qmoe.backends.triton.configs import invariant
+
+    assert invariant(KernelConfig(16, 64, 64, False))
+    assert not invariant(KernelConfig(16, 64, 64, False, split_k1=2))
+    assert not invariant(KernelConfig(16, 64, 64, False, split_k=4))
+    with pytest.raises(ValueError, match="split_k1"):
+        KernelConfig(16, 64, 64, False, split_k1=3)
 
 
 def test_shared_output_no_limit_no_bias_fp32_and_fp16():

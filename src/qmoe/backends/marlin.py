@@ -13,15 +13,17 @@ Prepared layout (on the weights' device; Hp, Ip = hidden and intermediate size p
        nvfp4 S0E5M3 bytes in a float8_e4m3fn tensor (`nvfp4_marlin_scales`)
   g13, g2: fp32 [E] (nvfp4 only)  global scale x 2^(119 - x), x per matrix (`nvfp4_scale_exponent`)
   b13: bf16 [E, 2Ip], b2: bf16 [E, Hp]  biases in Marlin's bias order (each only when given)
-  expert_map: int32 [E + 1] = 0..E-1, -1;  workspace: int32 zeros [SMs x 4] (the kernel's locks)
+  expert_map: int32 [E + 2] = -1, 0..E-1, -1 (the ops get the view [1:], see below);
+  workspace: int32 zeros [SMs x 4] (the kernel's locks)
 Padding is zero bytes in codes, scales and biases (as vLLM pads): E2M1 code 0 is 0, and a padded
 int4 code (uint4b8 0, i.e. -8) sits in a zero-scale group or row, so padded rows and columns
 compute exactly 0; x's padded columns are 0 and the output is trimmed back to H columns.
 
 Forward (mirrors vLLM's sequence; no host synchronization, CUDA-graph capturable):
-  ids = topk_ids with -1 -> E; moe_align_block_size(ids, E + 1, block_m, ..., expert_map):
-      id E maps to -1, so those slots get no rows (vLLM's expert parallel path; an id of -1
-      itself would be read as an index, out of bounds);
+  moe_align_block_size(topk_ids, E + 1, block_m, ..., expert_map[1:]): the ops read an id as an
+      index into the map, so id -1 reads the guard word before the view, -1 (no expert), and
+      those slots get no rows, as under vLLM's expert parallelism. No launch maps the ids
+      (until session 5 a torch.where turned -1 into E, two launches more than vLLM runs);
   GEMM1 [M*k, 2Ip] = x @ w13 (+ b13); the activation: one Triton launch of qmoe's SwiGLU in
       fp32 on the [gate | up] halves (kernels/activation.py: swiglu_rows; vLLM runs its fused
       activation op, on GPT-OSS's interleaved rows; the row order does not change the GEMM). It
@@ -152,7 +154,8 @@ class MarlinBackend(Backend):
             t["b13"] = marlin_bias(pad_parts(weights.b13, 1, Ip, 2).to(torch.bfloat16))
         if weights.b2 is not None:
             t["b2"] = marlin_bias(pad_parts(weights.b2, 1, Hp).to(torch.bfloat16))
-        t["expert_map"] = torch.cat((torch.arange(E, dtype=torch.int32, device=dev),
+        t["expert_map"] = torch.cat((torch.full((1,), -1, dtype=torch.int32, device=dev),
+                                     torch.arange(E, dtype=torch.int32, device=dev),
                                      torch.full((1,), -1, dtype=torch.int32, device=dev)))
         t["workspace"] = torch.zeros(_sm_count(dev) * MAX_BLOCKS_PER_SM, dtype=torch.int32, device=dev)
         from ..kernels.activation import swiglu_rows
@@ -182,14 +185,15 @@ class MarlinBackend(Backend):
         if Hp != H:
             a = torch.nn.functional.pad(a, (0, Hp - H))
         a = a.contiguous()
-        ids = torch.where(topk_ids < 0, E, topk_ids).to(torch.int32).contiguous()  # -1 -> E -> map -> -1
+        ids = topk_ids.to(torch.int32).contiguous()  # no copy for int32 ids
+        emap = t["expert_map"][1:]  # id -1 reads the guard word before it: no expert
         tw = topk_weights.to(torch.float32).contiguous()
         block = block_size_m(M, k, E)
         n_sorted, n_blocks = _vllm_ops.align_sizes(M * k, E + 1, block)
         sorted_ids = torch.empty(n_sorted, dtype=torch.int32, device=dev)
         expert_ids = torch.empty(n_blocks, dtype=torch.int32, device=dev)
         n_padded = torch.empty(1, dtype=torch.int32, device=dev)
-        ops.moe_align_block_size(ids, E + 1, block, sorted_ids, expert_ids, n_padded, t["expert_map"])
+        ops.moe_align_block_size(ids, E + 1, block, sorted_ids, expert_ids, n_padded, emap)
         route = dict(workspace=t["workspace"], sorted_token_ids=sorted_ids, expert_ids=expert_ids,
                      num_tokens_past_padded=n_padded, topk_weights=tw, moe_block_size=block,
                      b_type_id=m["b_type_id"])
@@ -202,7 +206,7 @@ class MarlinBackend(Backend):
         ops.moe_wna16_marlin_gemm(act, y, t["w2"], t.get("b2"), t["s2"], t.get("g2"), top_k=1,
                                   mul_topk_weights=True, size_m=M * k, size_n=Hp, size_k=Ip, **route)
         dst = output_buffer(out, Hp)
-        ops.moe_sum(y.view(M, k, Hp), dst, ids, t["expert_map"])
+        ops.moe_sum(y.view(M, k, Hp), dst, ids, emap)
         return finish_output(out, dst, shared_output)
 
 

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help="measure on the CPU when there is no GPU (for tests; CPU numbers choose nothing useful)")
     parser.add_argument("--kernels", action="store_true",
                         help="first run kernel-level tuning of backends that offer it (launch configs)")
+    parser.add_argument("--kernel-report", metavar="PATH",
+                        help="with --kernels: write every launch configuration tried, with its time or why it was "
+                             "rejected, to this JSON file (written after each problem)")
     parser.add_argument("--tuning-file", metavar="PATH",
                         help=f"tuning table to update (default ${tuning.ENV_VAR} or ~/.cache/qmoe/tuning.json)")
     parser.add_argument("--reps", type=number("--reps", int, 1), default=50,
@@ -103,10 +106,11 @@ def _free(device):
 
 
 def tune_problem(spec: MoESpec, fmt: str, backends, tokens, device, *, reps=50, warmup=5, max_seconds=1.0,
-                 flush_l2=True, seed=0, kernels=False, steps=None) -> tuple:
+                 flush_l2=True, seed=0, kernels=False, steps=None, reports=None) -> tuple:
     """Time every usable backend at every token count for one (spec, format).
 
     Returns (key, entry) for qmoe.tuning.write_entries, and a list of kernel-tuning report lines.
+    reports: a list to receive each kernel tuning's whole result (every configuration tried).
     """
     device = torch.device(device)
     env = tuning.environment(device)
@@ -125,6 +129,8 @@ def tune_problem(spec: MoESpec, fmt: str, backends, tokens, device, *, reps=50, 
             if steps is not None:
                 steps.show(f"{what} {name}: tuning its launch configurations")
             result = b.tune(spec, fmt, list(tokens), device)
+            if reports is not None:
+                reports.append({"problem": what, "backend": name, "result": result})
             kernel_lines.append(f"{name} kernel tuning for {what}: "
                                 + json.dumps(_kernel_summary(result), default=str, sort_keys=True))
         try:
@@ -181,6 +187,9 @@ def _kernel_summary(result: dict) -> dict:
 def run(args) -> int:
     from rich.console import Console
 
+    if args.kernel_report and not args.kernels:
+        print("qmoe tune: --kernel-report needs --kernels", file=sys.stderr)
+        return 2
     device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and not args.allow_cpu:
         print("qmoe tune measures on a GPU; none here (--allow-cpu measures the CPU anyway, for tests)",
@@ -196,16 +205,19 @@ def run(args) -> int:
         USER_TABLE.check_writable()
 
     console = Console()
-    entries, kernel_lines = {}, []
+    entries, kernel_lines, reports = {}, [], []
     with Steps("qmoe tune", len(problems) * len(backends) * len(tokens)) as steps:
         for spec, fmt in problems:
             steps.show(f"{spec.name or 'custom'} {fmt}: making weights")
             key, entry, lines = tune_problem(spec, fmt, backends, tokens, device, reps=args.reps, warmup=args.warmup,
                                              max_seconds=args.max_seconds, flush_l2=not args.no_flush_l2,
-                                             seed=args.seed, kernels=args.kernels, steps=steps)
+                                             seed=args.seed, kernels=args.kernels, steps=steps, reports=reports)
             entries[key] = entry
             kernel_lines += lines
             tuning.write_entries({key: entry}, path)  # each problem as it is measured: nothing lost
+            if args.kernel_report:
+                with open(args.kernel_report, "w") as f:
+                    json.dump(reports, f, indent=1, default=lambda o: getattr(o, "__dict__", str(o)))
             for line in lines:
                 steps.note(line)
             _free(device)

@@ -242,6 +242,15 @@ def _block(ids_ptr, MK, E, sorted_ptr, block_expert_ptr, blk, BM: tl.constexpr, 
 
 
 @triton.jit
+def _split_chunks(nch, sk, SPLIT: tl.constexpr):
+    """Chunks [lo, hi) of split sk when nch K chunks are cut into SPLIT parts of ceil(nch / SPLIT)
+    (the last ones shorter or empty: an empty part contributes a zero partial sum)."""
+    per = (nch + SPLIT - 1) // SPLIT
+    lo = sk * per
+    return lo, tl.minimum(lo + per, nch)
+
+
+@triton.jit
 def _pdl_begin(PDL: tl.constexpr):
     """With programmatic dependent launch: let the next kernel of the stream launch now (its own
     wait keeps it correct), then wait until the previous one's results are visible. Weights are
@@ -302,19 +311,29 @@ def moe_gemm1_kernel(
     inter_ptr,                        # [NB * BM, Ip] bf16 (sorted, padded rows)
     sorted_ptr, block_expert_ptr,     # [NB * BM] i32 slot ids (-1 = padding); [NB] i32 expert (-1 = no block)
     ids_ptr, MK, E,                   # [M * k] i32 expert ids (DIRECT: the grouping is done here)
+    part_ptr, lock_ptr, part_stride,  # SPLIT > 1: fp32 [SPLIT, NB * BM, 2Ip] partial sums; i32 [NB * n_tiles] zeros
     H, Ip, Kp, top_k, n_tiles, KB, NSC,
     alpha, beta, limit,
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
     U: tl.constexpr, FOLD: tl.constexpr, DIRECT: tl.constexpr, MKP: tl.constexpr, PDL: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """GEMM1 + SwiGLU: for one block of BM sorted token slots of one expert and BN intermediate
     columns, gather the tokens' rows of x (no permuted copy), multiply by the gate and up rows
     of w13 dequantized in registers, add b13, apply SwiGLU, store bf16 rows of the intermediate.
-    Bytes per program: 2 * BN * Kp / 2 weight bytes + scales, BM * H activations (L2-resident)."""
+    Bytes per program: 2 * BN * Kp / 2 weight bytes + scales, BM * H activations (L2-resident).
+
+    SPLIT > 1 (split-K, for few active experts: SPLIT times the programs): the SPLIT programs of
+    a tile each reduce 1/SPLIT of K and store their fp32 partial sums (valid rows only); the last
+    to finish (a counter per tile, reset to 0 by that program) adds the partials in split order
+    (0, 1, ...: the same order whoever finishes last, so the result is deterministic) and runs
+    the epilogue. The activation needs the whole sum, so no third launch is needed for it."""
     pid = tl.program_id(0)
-    blk = pid // n_tiles
-    nt = pid % n_tiles
+    sk = pid % SPLIT
+    tile = pid // SPLIT
+    blk = tile // n_tiles
+    nt = tile % n_tiles
     _pdl_begin(PDL)
     e, rm, slots, valid = _block(ids_ptr, MK, E, sorted_ptr, block_expert_ptr, blk, BM, DIRECT, MKP)
     if e < 0:
@@ -333,19 +352,39 @@ def moe_gemm1_kernel(
     else:
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    nch = Kp // (2 * G)
-    nmain = (H // (2 * G)) // U * U   # chunks entirely inside x's H columns, in groups of U
+    if SPLIT == 1:
+        c_lo = 0
+        c_hi = Kp // (2 * G)
+        c_main = (H // (2 * G)) // U * U   # chunks entirely inside x's H columns, in groups of U
+    else:
+        c_lo, c_hi = _split_chunks(Kp // (2 * G), sk, SPLIT)
+        c_main = c_lo + (tl.maximum(tl.minimum(c_hi, H // (2 * G)) - c_lo, 0)) // U * U
     # U chunks per iteration, unrolled (their loads are independent); no masks in this loop
-    for c0 in range(0, nmain, U):
+    for c0 in range(c_lo, c_main, U):
         for u in tl.static_range(U):
             acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg_rows, su_rows, c0 + u,
                                         BN, FMT, G, CDT, ASM, FOLD, SWAP, False)
-    for c in range(nmain, nch):       # the rest, one chunk at a time, x columns masked at H
+    for c in range(c_main, c_hi):     # the rest, one chunk at a time, x columns masked at H
         acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg_rows, su_rows, c,
                                     BN, FMT, G, CDT, ASM, FOLD, SWAP, True)
     if SWAP:
         acc_g = tl.trans(acc_g)
         acc_u = tl.trans(acc_u)
+    if SPLIT > 1:  # partial sums out; the tile's last program adds them in split order
+        prow = part_ptr + rm.to(tl.int64)[:, None] * (2 * Ip) + rn[None, :]
+        tl.store(prow + sk * part_stride, acc_g, mask=valid[:, None])
+        tl.store(prow + sk * part_stride + Ip, acc_u, mask=valid[:, None])
+        tl.debug_barrier()             # every thread's partial stored before the count (acq_rel, gpu scope)
+        done = tl.atomic_add(lock_ptr + tile, 1)   # programs of this tile finished before this one
+        last = (tl.zeros_like(rm) + done) == SPLIT - 1   # [BM] (a tensor: the interpreter's scalars do not mask)
+        rd = valid[:, None] & last[:, None]
+        acc_g = tl.load(prow, mask=rd, other=0.0, cache_modifier=".cg")
+        acc_u = tl.load(prow + Ip, mask=rd, other=0.0, cache_modifier=".cg")
+        for s in tl.static_range(1, SPLIT):
+            acc_g += tl.load(prow + s * part_stride, mask=rd, other=0.0, cache_modifier=".cg")
+            acc_u += tl.load(prow + s * part_stride + Ip, mask=rd, other=0.0, cache_modifier=".cg")
+        # the last one takes the count back to 0 (all SPLIT increments are in): ready for the next call
+        tl.atomic_add(lock_ptr + tile, tl.where(done == SPLIT - 1, -SPLIT, 0))
     if FMT == 1:
         gs = _nvfp4_global_scale(gs_ptr, e, ASM)
         acc_g = acc_g * gs
@@ -354,7 +393,11 @@ def moe_gemm1_kernel(
         acc_g += tl.load(b_ptr + e64 * 2 * Ip + rn)[None, :]
         acc_u += tl.load(b_ptr + e64 * 2 * Ip + Ip + rn)[None, :]
     act = swiglu(acc_g, acc_u, alpha, beta, limit, HAS_LIMIT)  # NaN kept through the clamps
-    tl.store(inter_ptr + rm.to(tl.int64)[:, None] * Ip + rn[None, :], act.to(inter_ptr.dtype.element_ty))
+    out_ptrs = inter_ptr + rm.to(tl.int64)[:, None] * Ip + rn[None, :]
+    if SPLIT > 1:
+        tl.store(out_ptrs, act.to(inter_ptr.dtype.element_ty), mask=last[:, None])
+    else:
+        tl.store(out_ptrs, act.to(inter_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -372,9 +415,9 @@ def moe_gemm2_kernel(
 ):
     """GEMM2: one block of BM intermediate rows (one expert) times BN rows of w2, plus b2,
     times each slot's routing weight, stored to that slot's row of y (combined later in a
-    fixed order, so the result is deterministic). With SPLIT = 2, two programs share a tile,
-    each over half of K (split-K, for few active experts: twice the programs); split 0 adds
-    the bias, and each writes its own copy of y (y_split_stride elements apart)."""
+    fixed order, so the result is deterministic). With SPLIT > 1, SPLIT programs share a tile,
+    each over 1/SPLIT of K (split-K, for few active experts: SPLIT times the programs); split 0
+    adds the bias, and each writes its own copy of y (y_split_stride elements apart)."""
     pid = tl.program_id(0)
     sk = pid % SPLIT
     blk = pid // SPLIT // n_tiles
@@ -392,15 +435,18 @@ def moe_gemm2_kernel(
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-    nch = Ip // (2 * G) // SPLIT      # chunks of this split (Ip is a multiple of 128: even chunks)
-    c_first = sk * nch                # the intermediate has all Ip columns: no masks
-    nmain = nch // U * U
-    for c0 in range(0, nmain, U):
+    if SPLIT == 1:   # the intermediate has all Ip columns: no masks
+        c_lo = 0
+        c_hi = Ip // (2 * G)
+        c_main = c_hi // U * U
+    else:
+        c_lo, c_hi = _split_chunks(Ip // (2 * G), sk, SPLIT)
+        c_main = c_lo + tl.maximum(c_hi - c_lo, 0) // U * U
+    for c0 in range(c_lo, c_main, U):
         for u in tl.static_range(U):
-            acc = _gemm2_chunk(acc, a_rows, valid, w_rows, s_rows, c_first + c0 + u, BN, FMT, G, CDT, ASM,
-                               FOLD, SWAP)
-    for c in range(nmain, nch):
-        acc = _gemm2_chunk(acc, a_rows, valid, w_rows, s_rows, c_first + c, BN, FMT, G, CDT, ASM, FOLD, SWAP)
+            acc = _gemm2_chunk(acc, a_rows, valid, w_rows, s_rows, c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP)
+    for c in range(c_main, c_hi):
+        acc = _gemm2_chunk(acc, a_rows, valid, w_rows, s_rows, c, BN, FMT, G, CDT, ASM, FOLD, SWAP)
     if SWAP:
         acc = tl.trans(acc)
     if FMT == 1:

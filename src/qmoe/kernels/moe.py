@@ -47,7 +47,8 @@ class KernelConfig:
     program in GEMM1 (intermediate) / GEMM2 (hidden); swap: weights as the MMA's first operand
     (accumulator transposed); k_unroll: K chunks per loop iteration (loads in flight);
     warps/stages per GEMM; split_k: GEMM2 as this many K parts per tile (partial sums added in
-    the combine, in a fixed order);
+    the combine, in a fixed order); split_k1: GEMM1 as this many K parts per tile (the tile's
+    last program adds the fp32 partial sums in split order, then runs the SwiGLU epilogue);
     direct: group the slots inside the GEMMs (no grouping launch; used when M * k <=
     DIRECT_MAX_SLOTS, else the grouping kernels run); pdl: launch each kernel with
     programmatic dependent launch (it starts while the previous one finishes and waits on the
@@ -64,6 +65,7 @@ class KernelConfig:
     split_k: int = 1
     direct: bool = False
     pdl: bool = False
+    split_k1: int = 1
 
     def __post_init__(self):
         for f in ("block_m", "block_n1", "block_n2"):
@@ -72,8 +74,9 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{f}: expected a power of two >= 16, got {v}")
         if self.k_unroll not in (1, 2, 4, 8):
             raise ValueError(f"KernelConfig.k_unroll: expected 1, 2, 4 or 8, got {self.k_unroll}")
-        if self.split_k not in (1, 2):
-            raise ValueError(f"KernelConfig.split_k: expected 1 or 2, got {self.split_k}")
+        for f in ("split_k", "split_k1"):
+            if getattr(self, f) not in (1, 2, 4):
+                raise ValueError(f"KernelConfig.{f}: expected 1, 2 or 4, got {getattr(self, f)}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"KernelConfig.num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps}")
         if not 1 <= self.num_stages <= 8:
@@ -276,15 +279,21 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         NB, sorted_slots, block_expert, mkp = grp.num_blocks, grp.sorted_slots, grp.block_expert, 16
     inter = torch.empty(NB * BM, Ip, dtype=torch.bfloat16, device=x.device)
     n1 = Ip // cfg.block_n1
-    k1 = K.moe_gemm1_kernel[(NB * n1,)](
+    S1 = cfg.split_k1
+    if S1 > 1:
+        part = torch.empty(S1, NB * BM, 2 * Ip, dtype=torch.float32, device=x.device)
+        locks = split_counters(x.device, NB * n1)
+    else:
+        part = locks = dummy
+    k1 = K.moe_gemm1_kernel[(NB * n1 * S1,)](
         x, x.stride(0), weights.w13, weights.s13,
         weights.gs13 if weights.gs13 is not None else dummy, weights.b13 if has_bias1 else dummy,
-        inter, sorted_slots, block_expert, ids, MK, E,
+        inter, sorted_slots, block_expert, ids, MK, E, part, locks, NB * BM * 2 * Ip,
         H, Ip, Hp, k, n1, weights.w13.stride(1), weights.s13.stride(1),
         float(alpha), float(beta), float(limit) if limit is not None else 0.0,
         FMT=fmt, G=G, HAS_BIAS=has_bias1, HAS_LIMIT=limit is not None,
         BM=BM, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold13,
-        DIRECT=direct, MKP=mkp, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
+        DIRECT=direct, MKP=mkp, PDL=pdl, SPLIT=S1, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
     S = cfg.split_k
     y = torch.empty(S, MK, H, dtype=torch.float32, device=x.device)
     n2 = Hp // cfg.block_n2
@@ -296,8 +305,30 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         FMT=fmt, G=G, HAS_BIAS=has_bias2,
         BM=BM, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold2,
         SPLIT=S, DIRECT=direct, MKP=mkp, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
-    _record(stats, (("gemm1", k1, NB * n1), ("gemm2", k2, NB * n2 * S)))
+    _record(stats, (("gemm1", k1, NB * n1 * S1), ("gemm2", k2, NB * n2 * S)))
     return _combine(y, topk_ids, E, out, shared_output, pdl)
+
+
+SPLIT_COUNTERS_MIN = 1 << 16
+"""Entries of the first split-K counter buffer of a device (256 KB): GEMM1 needs one per tile,
+blocks x Ip / block_n1, far below this for the decode batches split-K is for."""
+_SPLIT_COUNTERS: dict = {}
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 [>= n] zeros that persist across calls: GEMM1's split-K counters (each tile's last
+    program resets its counter to 0, so the buffer is all zeros again after every call and one
+    buffer serves every call on the device). A larger one is allocated when needed, outside CUDA-
+    graph capture; earlier ones are kept alive, since captured graphs hold their addresses."""
+    key = str(torch.device(device))
+    bufs = _SPLIT_COUNTERS.setdefault(key, [])
+    if bufs and bufs[-1].numel() >= n:
+        return bufs[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"split-K GEMM1 needs {n} counters, more than this device's buffer holds; run the call "
+                           f"once outside CUDA-graph capture first (the buffer must outlive the graph)")
+    bufs.append(torch.zeros(max(n, SPLIT_COUNTERS_MIN), dtype=torch.int32, device=device))
+    return bufs[-1]
 
 
 def _record(stats, launches):

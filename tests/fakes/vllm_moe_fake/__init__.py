@@ -161,12 +161,13 @@ class FakeOps:
                                                     "expert_map": maybe_expert_map is not None}))
         _check(topk_ids.dtype == torch.int32, f"topk_ids must be int32, got {topk_ids.dtype}")
         _check(-(-num_experts // 32) * 32 < 1024, "padded_num_experts must be less than 1024")
-        _check(bool(((ids >= 0) & (ids < num_experts)).all()),
-               f"topk id out of [0, {num_experts}) read as an index (out of bounds on the GPU): {ids.tolist()}")
         local = ids
         if maybe_expert_map is not None:
             _check(maybe_expert_map.numel() >= num_experts, "expert_map shorter than num_experts")
-            local = maybe_expert_map.long()[ids]
+            local = _map_ids(maybe_expert_map, ids, num_experts)
+        else:
+            _check(bool(((ids >= 0) & (ids < num_experts)).all()),
+                   f"topk id out of [0, {num_experts}) read as an index (out of bounds on the GPU): {ids.tolist()}")
         counts = torch.bincount(local[local >= 0], minlength=num_experts)
         padded = -(-counts // block_size) * block_size
         starts = torch.cumsum(padded, 0) - padded
@@ -254,11 +255,23 @@ class FakeOps:
         if topk_ids is not None and expert_map is not None:
             _check(tuple(topk_ids.shape) == (M, k), "moe_sum: topk_ids must have shape [num_tokens, topk]")
             _check(expert_map.dtype == torch.int32, "moe_sum: expert_map must be int32")
-            ids = topk_ids.long()
-            _check(bool(((ids >= 0) & (ids < expert_map.numel())).all()), "moe_sum: id outside the expert map")
-            keep = expert_map.long()[ids] >= 0
+            keep = _map_ids(expert_map, topk_ids.long(), expert_map.numel()) >= 0
             x = torch.where(keep.unsqueeze(-1), x, torch.zeros_like(x))
         output.copy_(x.sum(dim=1))
+
+
+def _map_ids(expert_map, ids, n):
+    """expert_map[id] the way the CUDA ops read it, a raw index: id -1 reads the word just before
+    the map (which must be inside the map's allocation: a view with a storage offset), ids in
+    [0, n) the map itself; anything else would be an out-of-bounds read on the GPU."""
+    _check(bool(((ids >= -1) & (ids < n)).all()), f"topk id out of [-1, {n}) read as an index into the expert map "
+                                                  f"(out of bounds on the GPU): {ids.tolist()}")
+    if bool((ids == -1).any()):
+        _check(expert_map.storage_offset() >= 1 and expert_map.stride(0) == 1,
+               "topk id -1 reads the word before the expert map, outside its allocation (out of bounds on the GPU)")
+        before = torch.as_strided(expert_map, (expert_map.numel() + 1,), (1,), expert_map.storage_offset() - 1)
+        return before.long()[ids + 1]
+    return expert_map.long()[ids]
 
 
 def install(schemas: dict | None = None) -> FakeOps:
