@@ -70,6 +70,8 @@ def test_matches_reference(fmt, E, k, H, I, M):
                                  KernelConfig(16, 32, 32, False, k_unroll=2, split_k=2),
                                  KernelConfig(16, 32, 32, False, k_unroll=2, split_k=4, split_k1=2),
                                  KernelConfig(16, 32, 32, False, k_unroll=1, split_k=2, split_k1=4, direct=True),
+                                 KernelConfig(16, 32, 64, False, k_unroll=2, scale_words=True),
+                                 KernelConfig(16, 32, 32, False, k_unroll=4, split_k=2, split_k1=2, scale_words=True),
                                  KernelConfig(64, 128, 128, False, num_warps=8)])
 def test_configs_agree(cfg):
     spec, w = make(8, 4, 160, 96, "mxfp4")
@@ -102,6 +104,23 @@ def test_split_k_gemm1_is_deterministic_and_leaves_its_counters_at_zero(fmt):
     assert torch.equal(outs[0], outs[1])
     assert rel_err(outs[0], reference_moe(spec, w, x, ids, tw)) < TOL
     assert not kmoe.split_counters(torch.device(DEVICE), 1).any()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_scale_words_give_the_same_bits(fmt):
+    """Scales loaded two chunks per 32-bit word (scale_words) are the same scales: the output is
+    bitwise the one-byte loads' (H = 320: 5 chunks of 64, 10 of 32 for nvfp4, so the main loop
+    and the tail both run)."""
+    spec, w = make(4, 2, 320, 128, fmt, seed=3)
+    b = get_backend("triton")
+    prep = b.prepare(spec, w)
+    x, ids, tw = inputs(spec, 3, seed=2)
+    outs = []
+    for words in (False, True):
+        out = torch.full((3, 320), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        b.forward(prep, x, ids, tw, out, config=KernelConfig(16, 32, 32, False, k_unroll=2, scale_words=words))
+        outs.append(out)
+    assert torch.isfinite(outs[1]).all() and torch.equal(outs[0], outs[1])
 
 
 def test_split_k_configs_are_not_invariant_and_refuse_bad_counts():

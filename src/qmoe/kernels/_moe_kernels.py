@@ -153,15 +153,38 @@ def _chunk_codes(w_rows, c, BN: tl.constexpr, G: tl.constexpr, FMT: tl.constexpr
 
 
 @triton.jit
-def _load_chunk(w_rows, s_rows, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+def _chunk_scales(s_rows, c):
+    """Raw scales (uint32 [BN, 1]) of chunk c's low and high halves; s_rows: [BN, 1] pointers to
+    each row's scales."""
+    return tl.load(s_rows + 2 * c).to(tl.uint32), tl.load(s_rows + 2 * c + 1).to(tl.uint32)
+
+
+@triton.jit
+def _pair_scales(s_rows, c, FMT: tl.constexpr):
+    """Raw scales of chunks c and c + 1 (c even) from 32-bit loads, (lo_c, hi_c, lo_c+1, hi_c+1):
+    one word for one-byte scales (E8M0, E4M3), one per chunk for int4's bf16. A 32-bit load can
+    be staged through shared memory by cp.async with the weights (Triton pipelines it); one-byte
+    loads cannot, and every loop iteration then waits on memory for its scales. Needs 4-byte
+    aligned words: row strides of the scales are multiples of 4 bytes (Kp / G with Kp a multiple
+    of 128) and c is even."""
+    w = tl.load((s_rows + 2 * c).to(tl.pointer_type(tl.uint32)))
+    if FMT == 2:
+        v = tl.load((s_rows + 2 * c + 2).to(tl.pointer_type(tl.uint32)))
+        return w & 0xFFFF, w >> 16, v & 0xFFFF, v >> 16
+    else:
+        return w & 0xFF, (w >> 8) & 0xFF, (w >> 16) & 0xFF, w >> 24
+
+
+@triton.jit
+def _load_chunk(w_rows, sc, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
                 CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr):
     """Chunk c (2G elements) of BN rows -> (lo, hi): [BN, G] each in CDT, scales applied
     (on the GPU, nvfp4 values come out x 2^-8: see NVFP4_POST). No masks: the weights are
     padded, callers only ask for chunks that exist.
 
-    w_rows: [BN, 1] pointers to each row's packed bytes; s_rows: [BN, 1] pointers to its scales."""
-    s_lo = tl.load(s_rows + 2 * c).to(tl.uint32)    # [BN, 1] raw
-    s_hi = tl.load(s_rows + 2 * c + 1).to(tl.uint32)
+    w_rows: [BN, 1] pointers to each row's packed bytes; sc: the chunk's raw scales (lo, hi),
+    uint32 [BN, 1] each (`_chunk_scales`, `_pair_scales`)."""
+    s_lo, s_hi = sc
     if ASM:
         b = tl.load(w_rows + (c * G + tl.arange(0, G))[None, :])   # [BN, G] uint8
         slo = tl.broadcast_to(_scale_for_asm(s_lo, FMT, FOLD), (BN, G))
@@ -242,10 +265,11 @@ def _block(ids_ptr, MK, E, sorted_ptr, block_expert_ptr, blk, BM: tl.constexpr, 
 
 
 @triton.jit
-def _split_chunks(nch, sk, SPLIT: tl.constexpr):
+def _split_chunks(nch, sk, SPLIT: tl.constexpr, U: tl.constexpr):
     """Chunks [lo, hi) of split sk when nch K chunks are cut into SPLIT parts of ceil(nch / SPLIT)
-    (the last ones shorter or empty: an empty part contributes a zero partial sum)."""
-    per = (nch + SPLIT - 1) // SPLIT
+    rounded up to a multiple of U (whole loop iterations; even starts for WORDS); the last parts
+    are shorter or empty (an empty part contributes a zero partial sum)."""
+    per = ((nch + SPLIT - 1) // SPLIT + U - 1) // U * U
     lo = sk * per
     return lo, tl.minimum(lo + per, nch)
 
@@ -270,11 +294,12 @@ def _nvfp4_global_scale(gs_ptr, e, ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg_rows, su_rows, c,
+def _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg, su, c,
                  BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
                  FOLD: tl.constexpr, SWAP: tl.constexpr, MASK: tl.constexpr):
-    """acc_g / acc_u += x rows (chunk c) @ gate / up rows (chunk c)^T. Padding rows (valid
-    False) are not read (no memory traffic); MASK: x columns >= H read 0 too."""
+    """acc_g / acc_u += x rows (chunk c) @ gate / up rows (chunk c)^T; sg, su: the gate's and
+    up's raw scales of chunk c, (lo, hi) each. Padding rows (valid False) are not read (no
+    memory traffic); MASK: x columns >= H read 0 too."""
     kl = c * 2 * G + tl.arange(0, G)
     kh = kl + G
     if MASK:
@@ -283,8 +308,8 @@ def _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg_rows, su_r
     else:
         a_lo = tl.load(x_rows + kl[None, :], mask=valid[:, None], other=0.0).to(CDT)
         a_hi = tl.load(x_rows + kh[None, :], mask=valid[:, None], other=0.0).to(CDT)
-    g_lo, g_hi = _load_chunk(wg_rows, sg_rows, c, BN, FMT, G, CDT, ASM, FOLD)
-    u_lo, u_hi = _load_chunk(wu_rows, su_rows, c, BN, FMT, G, CDT, ASM, FOLD)
+    g_lo, g_hi = _load_chunk(wg_rows, sg, c, BN, FMT, G, CDT, ASM, FOLD)
+    u_lo, u_hi = _load_chunk(wu_rows, su, c, BN, FMT, G, CDT, ASM, FOLD)
     acc_g = _mma(acc_g, a_lo, g_lo, SWAP)
     acc_g = _mma(acc_g, a_hi, g_hi, SWAP)
     acc_u = _mma(acc_u, a_lo, u_lo, SWAP)
@@ -293,13 +318,14 @@ def _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg_rows, su_r
 
 
 @triton.jit
-def _gemm2_chunk(acc, a_rows, valid, w_rows, s_rows, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+def _gemm2_chunk(acc, a_rows, valid, w_rows, sc, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
                  CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr, SWAP: tl.constexpr):
-    """acc += intermediate rows (chunk c) @ w2 rows (chunk c)^T; padding rows are not read."""
+    """acc += intermediate rows (chunk c) @ w2 rows (chunk c)^T; sc: the chunk's raw scales
+    (lo, hi); padding rows are not read."""
     kl = c * 2 * G + tl.arange(0, G)
     a_lo = tl.load(a_rows + kl[None, :], mask=valid[:, None], other=0.0).to(CDT)
     a_hi = tl.load(a_rows + (kl + G)[None, :], mask=valid[:, None], other=0.0).to(CDT)
-    w_lo, w_hi = _load_chunk(w_rows, s_rows, c, BN, FMT, G, CDT, ASM, FOLD)
+    w_lo, w_hi = _load_chunk(w_rows, sc, c, BN, FMT, G, CDT, ASM, FOLD)
     acc = _mma(acc, a_lo, w_lo, SWAP)
     return _mma(acc, a_hi, w_hi, SWAP)
 
@@ -317,7 +343,7 @@ def moe_gemm1_kernel(
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
     U: tl.constexpr, FOLD: tl.constexpr, DIRECT: tl.constexpr, MKP: tl.constexpr, PDL: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, WORDS: tl.constexpr,
 ):
     """GEMM1 + SwiGLU: for one block of BM sorted token slots of one expert and BN intermediate
     columns, gather the tokens' rows of x (no permuted copy), multiply by the gate and up rows
@@ -357,16 +383,26 @@ def moe_gemm1_kernel(
         c_hi = Kp // (2 * G)
         c_main = (H // (2 * G)) // U * U   # chunks entirely inside x's H columns, in groups of U
     else:
-        c_lo, c_hi = _split_chunks(Kp // (2 * G), sk, SPLIT)
+        c_lo, c_hi = _split_chunks(Kp // (2 * G), sk, SPLIT, U)
         c_main = c_lo + (tl.maximum(tl.minimum(c_hi, H // (2 * G)) - c_lo, 0)) // U * U
     # U chunks per iteration, unrolled (their loads are independent); no masks in this loop
     for c0 in range(c_lo, c_main, U):
-        for u in tl.static_range(U):
-            acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg_rows, su_rows, c0 + u,
-                                        BN, FMT, G, CDT, ASM, FOLD, SWAP, False)
+        if WORDS:  # scales of two chunks per 32-bit load (U even, c0 even)
+            for u in tl.static_range(0, U, 2):
+                g0, g1, g2, g3 = _pair_scales(sg_rows, c0 + u, FMT)
+                u0, u1, u2, u3 = _pair_scales(su_rows, c0 + u, FMT)
+                acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, (g0, g1), (u0, u1),
+                                            c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP, False)
+                acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, (g2, g3), (u2, u3),
+                                            c0 + u + 1, BN, FMT, G, CDT, ASM, FOLD, SWAP, False)
+        else:
+            for u in tl.static_range(U):
+                acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows,
+                                            _chunk_scales(sg_rows, c0 + u), _chunk_scales(su_rows, c0 + u), c0 + u,
+                                            BN, FMT, G, CDT, ASM, FOLD, SWAP, False)
     for c in range(c_main, c_hi):     # the rest, one chunk at a time, x columns masked at H
-        acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg_rows, su_rows, c,
-                                    BN, FMT, G, CDT, ASM, FOLD, SWAP, True)
+        acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, _chunk_scales(sg_rows, c),
+                                    _chunk_scales(su_rows, c), c, BN, FMT, G, CDT, ASM, FOLD, SWAP, True)
     if SWAP:
         acc_g = tl.trans(acc_g)
         acc_u = tl.trans(acc_u)
@@ -411,7 +447,7 @@ def moe_gemm2_kernel(
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
     U: tl.constexpr, FOLD: tl.constexpr, SPLIT: tl.constexpr, DIRECT: tl.constexpr, MKP: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, WORDS: tl.constexpr,
 ):
     """GEMM2: one block of BM intermediate rows (one expert) times BN rows of w2, plus b2,
     times each slot's routing weight, stored to that slot's row of y (combined later in a
@@ -440,13 +476,21 @@ def moe_gemm2_kernel(
         c_hi = Ip // (2 * G)
         c_main = c_hi // U * U
     else:
-        c_lo, c_hi = _split_chunks(Ip // (2 * G), sk, SPLIT)
+        c_lo, c_hi = _split_chunks(Ip // (2 * G), sk, SPLIT, U)
         c_main = c_lo + tl.maximum(c_hi - c_lo, 0) // U * U
     for c0 in range(c_lo, c_main, U):
-        for u in tl.static_range(U):
-            acc = _gemm2_chunk(acc, a_rows, valid, w_rows, s_rows, c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP)
+        if WORDS:  # scales of two chunks per 32-bit load (U even, c0 even)
+            for u in tl.static_range(0, U, 2):
+                s0, s1, s2, s3 = _pair_scales(s_rows, c0 + u, FMT)
+                acc = _gemm2_chunk(acc, a_rows, valid, w_rows, (s0, s1), c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP)
+                acc = _gemm2_chunk(acc, a_rows, valid, w_rows, (s2, s3), c0 + u + 1, BN, FMT, G, CDT, ASM, FOLD,
+                                   SWAP)
+        else:
+            for u in tl.static_range(U):
+                acc = _gemm2_chunk(acc, a_rows, valid, w_rows, _chunk_scales(s_rows, c0 + u), c0 + u, BN, FMT, G,
+                                   CDT, ASM, FOLD, SWAP)
     for c in range(c_main, c_hi):
-        acc = _gemm2_chunk(acc, a_rows, valid, w_rows, s_rows, c, BN, FMT, G, CDT, ASM, FOLD, SWAP)
+        acc = _gemm2_chunk(acc, a_rows, valid, w_rows, _chunk_scales(s_rows, c), c, BN, FMT, G, CDT, ASM, FOLD, SWAP)
     if SWAP:
         acc = tl.trans(acc)
     if FMT == 1:

@@ -49,6 +49,8 @@ class KernelConfig:
     warps/stages per GEMM; split_k: GEMM2 as this many K parts per tile (partial sums added in
     the combine, in a fixed order); split_k1: GEMM1 as this many K parts per tile (the tile's
     last program adds the fp32 partial sums in split order, then runs the SwiGLU epilogue);
+    scale_words: load the scales of two K chunks per 32-bit load (k_unroll even), which Triton
+    stages through shared memory with the weights; one-byte scale loads are not pipelined;
     direct: group the slots inside the GEMMs (no grouping launch; used when M * k <=
     DIRECT_MAX_SLOTS, else the grouping kernels run); pdl: launch each kernel with
     programmatic dependent launch (it starts while the previous one finishes and waits on the
@@ -66,6 +68,7 @@ class KernelConfig:
     direct: bool = False
     pdl: bool = False
     split_k1: int = 1
+    scale_words: bool = False
 
     def __post_init__(self):
         for f in ("block_m", "block_n1", "block_n2"):
@@ -271,6 +274,10 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     launch = {"launch_pdl": True} if pdl else {}
     direct = cfg.direct and MK <= DIRECT_MAX_SLOTS
     ids = topk_ids.reshape(-1)
+    words = cfg.scale_words and cfg.k_unroll % 2 == 0
+    if words and any(s.stride(1) * s.element_size() % 4 or s.data_ptr() % 4 for s in (weights.s13, weights.s2)):
+        raise ValueError("cfg.scale_words: the scale rows are not 4-byte aligned (kernels/layout.py pads K to a "
+                         "multiple of 128, which makes them so)")
     if direct:  # the GEMMs find their blocks from the ids: no grouping launch
         NB, sorted_slots, block_expert = max_blocks(MK, E, BM), ids, ids
         mkp = max(16, triton.next_power_of_2(MK))
@@ -293,7 +300,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         float(alpha), float(beta), float(limit) if limit is not None else 0.0,
         FMT=fmt, G=G, HAS_BIAS=has_bias1, HAS_LIMIT=limit is not None,
         BM=BM, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold13,
-        DIRECT=direct, MKP=mkp, PDL=pdl, SPLIT=S1, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
+        DIRECT=direct, MKP=mkp, PDL=pdl, SPLIT=S1, WORDS=words, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
     S = cfg.split_k
     y = torch.empty(S, MK, H, dtype=torch.float32, device=x.device)
     n2 = Hp // cfg.block_n2
@@ -304,7 +311,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         H, Hp, Ip, n2, weights.w2.stride(1), weights.s2.stride(1), MK * H,
         FMT=fmt, G=G, HAS_BIAS=has_bias2,
         BM=BM, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold2,
-        SPLIT=S, DIRECT=direct, MKP=mkp, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
+        SPLIT=S, DIRECT=direct, MKP=mkp, PDL=pdl, WORDS=words, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
     _record(stats, (("gemm1", k1, NB * n1 * S1), ("gemm2", k2, NB * n2 * S)))
     return _combine(y, topk_ids, E, out, shared_output, pdl)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 from ...kernels.layout import PAD, round_up
 from ...tuning import library_versions
@@ -177,8 +177,8 @@ def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", bat
 def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_invariant: bool = False):
     """Launch configurations worth timing at m tokens (a handful per regime, so that tuning three
     presets fits in minutes): decode tiles of 16 rows with the grouping inside the GEMMs and
-    programmatic dependent launch, and without (the default), with 4 or 8 warps; split-K (2 or 4
-    parts, GEMM1 and GEMM2) when almost every expert sees one token; 32- and 64-row blocks in between; 128-row blocks for prefill (int4 also
+    programmatic dependent launch, and without (the default); split-K (2 or 4 parts, GEMM1 and
+    GEMM2) when almost every expert sees one token; each of these with and without scale_words; 32- and 64-row blocks in between; 128-row blocks for prefill (int4 also
     with the weight as the MMA's first operand, which the E2M1 decode cannot do)."""
     from ...kernels.moe import KernelConfig as C
 
@@ -186,15 +186,13 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     fast = dict(direct=True, pdl=True) if m * top_k <= 32 else {}
     out = [default_config(m, top_k, num_experts, fmt), default_config(m, top_k, num_experts, fmt, True)]
     if per_expert <= 12:
-        out += [C(16, n1, n2, False, w, 3, u, **fast)
-                for n1, n2, w, u in ((32, 32, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 2), (128, 128, 8, 2),
-                                     (64, 64, 8, 4), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 4))]
-        out += [C(16, 64, 64, False, 4, 4, 4, **fast), C(16, 64, 64, False, 4, 3, 4, pdl=True),
-                C(16, 64, 64, False, 8, 4, 2, **fast)]
-    if per_expert <= 0.5:  # few active experts: split-K, 2 or 4 K parts per tile, in GEMM2 and GEMM1
-        out += [C(16, 32, 32, False, 4, 3, 4, split_k=2, **fast), C(16, 64, 64, False, 4, 3, 4, split_k=2, **fast)]
-        out += [C(16, 64, 64, False, w, 3, u, split_k=s2, split_k1=s1, **fast)
-                for s1, s2, w, u in ((2, 2, 4, 4), (4, 4, 4, 2), (2, 4, 4, 2), (4, 2, 4, 4), (2, 2, 8, 2), (4, 4, 8, 2))]
+        decode = [C(16, 32, 64, False, 4, 3, 4, **fast), C(16, 64, 64, False, 4, 3, 4, **fast),
+                  C(16, 64, 64, False, 4, 3, 4, pdl=True)]
+        if per_expert <= 0.5:  # few active experts: split-K, 2 or 4 K parts per tile, in GEMM2 and GEMM1
+            decode += [C(16, 64, 64, False, 4, 3, u, split_k=s2, split_k1=s1, **fast)
+                       for s1, s2, u in ((1, 2, 4), (2, 4, 2), (2, 2, 4), (4, 4, 2))]
+        # each also with the scales loaded two chunks per 32-bit word (pipelined with the weights)
+        out += decode + [replace(c, scale_words=True) for c in (*out, *decode)]
     if 2 <= per_expert <= 64:
         out += [C(32, 64, 64, False, 4, 3, 2), C(64, 64, 64, False, 4, 3, 2), C(32, 128, 128, False, 8, 3, 2),
                 C(64, 128, 128, False, 8, 3, 2)]
