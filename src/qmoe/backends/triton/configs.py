@@ -155,7 +155,8 @@ def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", bat
     """Launch configuration when no table entry exists (measured on an H200 at gpt-oss-120b
     shapes, docs/performance.md): 16-row blocks while experts see up to ~12 tokens, with the
     grouping inside the GEMMs and programmatic dependent launch while there are at most 32
-    (token, expert) slots; 32-row blocks up to ~48 tokens per expert, then 128-row blocks
+    (token, expert) slots, and the scales loaded as 32-bit words (faster in every decode case
+    measured, session 5); 32-row blocks up to ~48 tokens per expert, then 128-row blocks
     (int4 from 32 rows up with the weight as the MMA's first operand; the E2M1 formats cannot:
     see kernels/moe.py). batch_invariant: 32-row blocks beyond (`invariant`)."""
     from ...kernels.moe import KernelConfig
@@ -164,9 +165,10 @@ def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", bat
     per_expert = m * top_k / num_experts
     if m * top_k <= 32:
         return KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=4,
-                            direct=True, pdl=True)
+                            direct=True, pdl=True, scale_words=True)
     if per_expert <= 12:
-        return KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=4)
+        return KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=4,
+                            scale_words=True)
     if per_expert <= 48 or batch_invariant:
         return KernelConfig(block_m=32, block_n1=64, block_n2=64, swap=swap, num_warps=4, num_stages=3, k_unroll=2)
     if swap:
@@ -204,6 +206,8 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
                 C(32, 128, 64, False, 4, 3, 2)]
         if fmt == "int4":
             out += [C(128, 64, 64, True, 4, 3, 2), C(128, 128, 128, True, 8, 3, 2)]
+        # not yet measured at prefill: scale_words for the two usual winners
+        out += [C(128, 128, 128, False, 8, 3, 2, scale_words=True), C(32, 64, 64, False, 4, 3, 2, scale_words=True)]
     out = list(dict.fromkeys(out))
     return [c for c in out if invariant(c)] if batch_invariant else out
 
