@@ -324,10 +324,17 @@ _SPLIT_COUNTERS: dict = {}
 
 def split_counters(device: torch.device, n: int) -> torch.Tensor:
     """int32 [>= n] zeros that persist across calls: GEMM1's split-K counters (each tile's last
-    program resets its counter to 0, so the buffer is all zeros again after every call and one
-    buffer serves every call on the device). A larger one is allocated when needed, outside CUDA-
-    graph capture; earlier ones are kept alive, since captured graphs hold their addresses."""
-    key = str(torch.device(device))
+    program resets its counter to 0, so the buffer is all zeros again after every call, and the
+    calls on one stream, which run one after another, share one buffer). One buffer per stream:
+    calls on two streams may run at the same time. A larger one is allocated when needed, outside
+    CUDA-graph capture; earlier ones are kept alive, since captured graphs hold their addresses
+    (two graphs captured on one stream and replayed at the same time on two streams would share
+    counters: replay such graphs one after another)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
     bufs = _SPLIT_COUNTERS.setdefault(key, [])
     if bufs and bufs[-1].numel() >= n:
         return bufs[-1]
