@@ -8,6 +8,7 @@
 #   bash scripts/device/qualify.sh check    # qmoe check of every usable backend
 #   bash scripts/device/qualify.sh models   # a patched HF model under a CUDA graph: time per forward
 #   bash scripts/device/qualify.sh parallel # EP / TP groups of one (NCCL) against plain qmoe.MoE
+#   bash scripts/device/qualify.sh words    # prefill: the shipped configs against their scale_words twins
 #   bash scripts/device/qualify.sh ncu      # hardware counters of the decode GEMMs, qmoe's and the peers'
 #   bash scripts/device/qualify.sh a b ...  # several steps in one call
 #
@@ -82,11 +83,15 @@ step() {
         --backends ${NCU_BACKENDS:-triton,humming,marlin} --tokens ${NCU_TOKENS:-16,64} > "$OUT/ncu_decode.txt" 2>&1
       echo "ncu rc=$?"; grep -E "^===|^  [A-Za-z_].*\(|Duration|DRAM Throughput|Achieved Occupancy|Registers Per Thread|Grid Size|Warp Cycles Per Issued" \
         "$OUT/ncu_decode.txt" | cut -c1-110 | head -170 ;;
+    words)
+      timeout ${T_WORDS:-240} python3 scripts/device/words_ab.py --presets "$PRESETS" --tokens ${WORDS_TOKENS:-1024,4096,8192} \
+        > "$OUT/words_ab.log" 2>&1
+      echo "words rc=$?"; tail -12 "$OUT/words_ab.log" ;;
     parallel)
       timeout ${T_PARALLEL:-120} python3 scripts/device/parallel_check.py --presets ${PAR_PRESETS:-gpt-oss-120b} \
         > "$OUT/parallel.log" 2>&1
       echo "parallel rc=$?"; tail -16 "$OUT/parallel.log" ;;
-    *) echo "usage: qualify.sh tests|probe|bench|tune|check|models|ncu|parallel ..." >&2; exit 2 ;;
+    *) echo "usage: qualify.sh tests|probe|bench|tune|check|models|ncu|parallel|words ..." >&2; exit 2 ;;
   esac
 }
 for s in "$@"; do
