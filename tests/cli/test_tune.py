@@ -89,6 +89,8 @@ def test_kernels_flag_calls_backend_tune_and_reports_it(tmp_path, capsys):
     assert "kernel tuning unavailable for custom int4: no usable backend offers it" in capsys.readouterr().out
     assert tune.run(parse([*argv[:-3], "--kernel-report", str(report)])) == 2
     assert "--kernel-report needs --kernels" in capsys.readouterr().err
+    assert tune.run(parse([*argv, "--kernel-report", str(tmp_path / "no" / "such" / "r.json")])) == 2
+    assert "does not exist or is not writable" in capsys.readouterr().err
 
 
 def test_problems_from_arguments():

@@ -87,15 +87,15 @@ def test_configs_agree(cfg):
 def test_split_k_gemm1_is_deterministic_and_leaves_its_counters_at_zero(fmt):
     """GEMM1 in 4 K parts (the last program of each tile adds the partial sums in split order):
     two calls agree bitwise, match the reference, and every counter is back at 0 after a call.
-    H = 160 gives 3 chunks of 64 (nvfp4: 5 of 32) for 4 parts: some parts are empty or hold only
-    the masked tail."""
+    H = 160 pads to 256: 4 chunks of 64 (nvfp4: 8 of 32), parts of 2 (k_unroll 2): for mxfp4 and
+    int4 the last two parts are empty and the second holds only the masked tail past H."""
     from qmoe.kernels import moe as kmoe
 
     spec, w = make(8, 4, 160, 96, fmt, seed=7)
     b = get_backend("triton")
     prep = b.prepare(spec, w)
     x, ids, tw = inputs(spec, 5, seed=11)
-    cfg = KernelConfig(16, 32, 32, False, k_unroll=1, split_k=2, split_k1=4)
+    cfg = KernelConfig(16, 32, 32, False, k_unroll=2, split_k=2, split_k1=4)
     outs = []
     for _ in range(2):
         out = torch.full((5, 160), float("nan"), dtype=torch.bfloat16, device=DEVICE)
@@ -103,7 +103,8 @@ def test_split_k_gemm1_is_deterministic_and_leaves_its_counters_at_zero(fmt):
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
     assert rel_err(outs[0], reference_moe(spec, w, x, ids, tw)) < TOL
-    assert not kmoe.split_counters(x.device, 1).any()  # the buffer those calls used (same device, stream)
+    assert prep.meta["kernel_weights"].counters, "the split-K calls keep their counters with the weights"
+    assert not kmoe.split_counters(prep.meta["kernel_weights"], 1).any()
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -131,6 +132,8 @@ def test_split_k_configs_are_not_invariant_and_refuse_bad_counts():
     assert not invariant(KernelConfig(16, 64, 64, False, split_k=4))
     with pytest.raises(ValueError, match="split_k1"):
         KernelConfig(16, 64, 64, False, split_k1=3)
+    with pytest.raises(ValueError, match="k_unroll must be even"):
+        KernelConfig(16, 64, 64, False, k_unroll=1, scale_words=True)
 
 
 def test_shared_output_no_limit_no_bias_fp32_and_fp16():
@@ -182,6 +185,36 @@ def test_supports_reasons():
 
 # ---- GPU: real preset shapes and CUDA graphs ---------------------------------------------------
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_split_k_and_scale_words_capture_and_replay_on_gpu(fmt):
+    """The M=1 winners' shape of configuration (GEMM1 in 2 parts, GEMM2 in 4, scale words) under
+    qmoe's capture recipe (warm-up on a side stream, capture on torch's capture stream): replays
+    give the eager call's bits, and the counters are back at 0 after each."""
+    from qmoe.kernels import moe as kmoe
+    from qmoe.timing import capture_graph
+
+    spec = qmoe.presets["gpt-oss-120b"] if fmt == "mxfp4" else qmoe.presets["qwen3-30b-a3b"]
+    w = random_weights(spec, fmt, "cuda", seed=2)
+    b = get_backend("triton")
+    prep = b.prepare(spec, w)
+    cfg = KernelConfig(16, 64, 64, False, k_unroll=2, split_k=4, split_k1=2, direct=True, pdl=True, scale_words=True)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(1, spec.hidden_size, device="cuda", generator=g).to(torch.bfloat16)
+    ids, tw = qmoe.route(spec, torch.randn(1, spec.num_experts, device="cuda", generator=g))
+    eager = torch.empty(1, spec.hidden_size, dtype=torch.bfloat16, device="cuda")
+    b.forward(prep, x, ids, tw, eager, config=cfg)
+    out = torch.full_like(eager, float("nan"))
+    graph = capture_graph(lambda: b.forward(prep, x, ids, tw, out, config=cfg))
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+        assert not kmoe.split_counters(prep.meta["kernel_weights"], 1).any()
 
 
 @gpu

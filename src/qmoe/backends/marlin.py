@@ -23,7 +23,9 @@ Forward (mirrors vLLM's sequence; no host synchronization, CUDA-graph capturable
   moe_align_block_size(topk_ids, E + 1, block_m, ..., expert_map[1:]): the ops read an id as an
       index into the map, so id -1 reads the guard word before the view, -1 (no expert), and
       those slots get no rows, as under vLLM's expert parallelism. No launch maps the ids
-      (until session 5 a torch.where turned -1 into E, two launches more than vLLM runs);
+      (until session 5 a torch.where turned -1 into E, two launches more than vLLM runs). Ids
+      below -1 or >= E would be read outside the map: qmoe.MoE's id guard (check_ids, on by
+      default) hands backends -1 for them;
   GEMM1 [M*k, 2Ip] = x @ w13 (+ b13); the activation: one Triton launch of qmoe's SwiGLU in
       fp32 on the [gate | up] halves (kernels/activation.py: swiglu_rows; vLLM runs its fused
       activation op, on GPT-OSS's interleaved rows; the row order does not change the GEMM). It

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 
 import torch
@@ -190,6 +191,12 @@ def run(args) -> int:
     if args.kernel_report and not args.kernels:
         print("qmoe tune: --kernel-report needs --kernels", file=sys.stderr)
         return 2
+    if args.kernel_report:  # before minutes of measuring, not after
+        folder = os.path.dirname(os.path.abspath(args.kernel_report))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            print(f"qmoe tune: --kernel-report {args.kernel_report}: folder {folder} does not exist or is not "
+                  f"writable", file=sys.stderr)
+            return 2
     device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and not args.allow_cpu:
         print("qmoe tune measures on a GPU; none here (--allow-cpu measures the CPU anyway, for tests)",

@@ -408,8 +408,9 @@ def moe_gemm1_kernel(
         acc_u = tl.trans(acc_u)
     if SPLIT > 1:  # partial sums out; the tile's last program adds them in split order
         prow = part_ptr + rm.to(tl.int64)[:, None] * (2 * Ip) + rn[None, :]
-        tl.store(prow + sk * part_stride, acc_g, mask=valid[:, None])
-        tl.store(prow + sk * part_stride + Ip, acc_u, mask=valid[:, None])
+        pstride = part_stride.to(tl.int64)   # (SPLIT - 1) x the stride can pass 2^31
+        tl.store(prow + sk * pstride, acc_g, mask=valid[:, None])
+        tl.store(prow + sk * pstride + Ip, acc_u, mask=valid[:, None])
         tl.debug_barrier()             # every thread's partial stored before the count (acq_rel, gpu scope)
         done = tl.atomic_add(lock_ptr + tile, 1)   # programs of this tile finished before this one
         last = (tl.zeros_like(rm) + done) == SPLIT - 1   # [BM] (a tensor: the interpreter's scalars do not mask)
@@ -417,8 +418,8 @@ def moe_gemm1_kernel(
         acc_g = tl.load(prow, mask=rd, other=0.0, cache_modifier=".cg")
         acc_u = tl.load(prow + Ip, mask=rd, other=0.0, cache_modifier=".cg")
         for s in tl.static_range(1, SPLIT):
-            acc_g += tl.load(prow + s * part_stride, mask=rd, other=0.0, cache_modifier=".cg")
-            acc_u += tl.load(prow + s * part_stride + Ip, mask=rd, other=0.0, cache_modifier=".cg")
+            acc_g += tl.load(prow + s * pstride, mask=rd, other=0.0, cache_modifier=".cg")
+            acc_u += tl.load(prow + s * pstride + Ip, mask=rd, other=0.0, cache_modifier=".cg")
         # the last one takes the count back to 0 (all SPLIT increments are in): ready for the next call
         tl.atomic_add(lock_ptr + tile, tl.where(done == SPLIT - 1, -SPLIT, 0))
     if FMT == 1:
@@ -500,7 +501,9 @@ def moe_gemm2_kernel(
     wt = tl.load(topk_w_ptr + tl.where(valid, slots, 0), mask=valid, other=0.0)
     acc = acc * wt[:, None]
     slot64 = tl.where(valid, slots, 0).to(tl.int64)
-    tl.store(y_ptr + sk * y_split_stride + slot64[:, None] * H + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+    if SPLIT > 1:
+        y_ptr += sk.to(tl.int64) * y_split_stride   # (SPLIT - 1) x the stride can pass 2^31
+    tl.store(y_ptr + slot64[:, None] * H + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=valid[:, None] & (rn < H)[None, :])
 
 
@@ -524,7 +527,7 @@ def moe_combine_kernel(
     bad = tl.sum(((ids < -1) | (ids >= E)).to(tl.int32), axis=0) > 0
     y = tl.load(y_ptr + (t * top_k + rj)[:, None] * H + rh[None, :], mask=use[:, None] & hm[None, :], other=0.0)
     for s in tl.static_range(1, SPLIT):
-        y += tl.load(y_ptr + s * y_split_stride + (t * top_k + rj)[:, None] * H + rh[None, :],
+        y += tl.load(y_ptr + y_split_stride.to(tl.int64) * s + (t * top_k + rj)[:, None] * H + rh[None, :],
                      mask=use[:, None] & hm[None, :], other=0.0)
     acc = tl.sum(y.to(tl.float32), axis=0)
     if HAS_SHARED:

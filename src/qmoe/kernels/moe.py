@@ -14,7 +14,7 @@ capturable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -84,6 +84,9 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps}")
         if not 1 <= self.num_stages <= 8:
             raise ValueError(f"KernelConfig.num_stages: expected 1..8, got {self.num_stages}")
+        if self.scale_words and self.k_unroll % 2:
+            raise ValueError(f"KernelConfig.scale_words: loads the scales of two K chunks at once, so k_unroll must "
+                             f"be even, got {self.k_unroll}")
 
     def problem_with(self, fmt: str, hidden_padded: int, intermediate_padded: int) -> str | None:
         """Why this configuration cannot run weights of `fmt` padded to (Hp, Ip), or None.
@@ -108,7 +111,7 @@ class MoEKernelWeights:
     s2: [E, Hp, Ip/G]; gs13, gs2: [E] fp32 (nvfp4 global scales, else None);
     b13: [E, 2Ip] fp32 or None; b2: [E, Hp] fp32 or None. H, I: logical sizes.
     fold13 / fold2: the matrix's scales allow the one-multiply decode (see MXFP4_FOLD_MAX;
-    always True for nvfp4 and int4).
+    always True for nvfp4 and int4). counters: filled by `split_counters`, not by callers.
     """
 
     fmt: str
@@ -124,6 +127,8 @@ class MoEKernelWeights:
     b2: torch.Tensor | None = None
     fold13: bool = True
     fold2: bool = True
+    counters: list = field(default_factory=list, repr=False)
+    """GEMM1's split-K counters for calls on these weights (`split_counters`)."""
 
     @property
     def E(self) -> int:
@@ -274,7 +279,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     launch = {"launch_pdl": True} if pdl else {}
     direct = cfg.direct and MK <= DIRECT_MAX_SLOTS
     ids = topk_ids.reshape(-1)
-    words = cfg.scale_words and cfg.k_unroll % 2 == 0
+    words = cfg.scale_words
     if words and any(s.stride(1) * s.element_size() % 4 or s.data_ptr() % 4 for s in (weights.s13, weights.s2)):
         raise ValueError("cfg.scale_words: the scale rows are not 4-byte aligned (kernels/layout.py pads K to a "
                          "multiple of 128, which makes them so)")
@@ -289,7 +294,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     S1 = cfg.split_k1
     if S1 > 1:
         part = torch.empty(S1, NB * BM, 2 * Ip, dtype=torch.float32, device=x.device)
-        locks = split_counters(x.device, NB * n1)
+        locks = split_counters(weights, NB * n1)
     else:
         part = locks = dummy
     k1 = K.moe_gemm1_kernel[(NB * n1 * S1,)](
@@ -317,30 +322,26 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
 
 
 SPLIT_COUNTERS_MIN = 1 << 16
-"""Entries of the first split-K counter buffer of a device (256 KB): GEMM1 needs one per tile,
-blocks x Ip / block_n1, far below this for the decode batches split-K is for."""
-_SPLIT_COUNTERS: dict = {}
+"""Entries of the first split-K counter buffer of a set of weights (256 KB): GEMM1 needs one per
+tile, blocks x Ip / block_n1, far below this for the decode batches split-K is for."""
 
 
-def split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """int32 [>= n] zeros that persist across calls: GEMM1's split-K counters (each tile's last
-    program resets its counter to 0, so the buffer is all zeros again after every call, and the
-    calls on one stream, which run one after another, share one buffer). One buffer per stream:
-    calls on two streams may run at the same time. A larger one is allocated when needed, outside
-    CUDA-graph capture; earlier ones are kept alive, since captured graphs hold their addresses
-    (two graphs captured on one stream and replayed at the same time on two streams would share
-    counters: replay such graphs one after another)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    bufs = _SPLIT_COUNTERS.setdefault(key, [])
+def split_counters(weights: "MoEKernelWeights", n: int) -> torch.Tensor:
+    """int32 [>= n] zeros on the weights' device that persist across calls: GEMM1's split-K
+    counters. Each tile's last program resets its counter to 0, so the buffer is all zeros again
+    after every call and the calls on these weights, which a model runs one after another, share
+    it (two calls on the same weights running at the same time on two streams would not: run them
+    one after another). It lives with the weights, not with a stream: a CUDA graph replays on any
+    stream. A larger one is allocated when needed, outside graph capture (capture after a warm-up
+    call at the same M, as qmoe.timing.capture_graph does); earlier ones are kept alive, since
+    captured graphs hold their addresses."""
+    bufs = weights.counters
     if bufs and bufs[-1].numel() >= n:
         return bufs[-1]
+    device = weights.w13.device
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"split-K GEMM1 needs {n} counters, more than this device's buffer holds; run the call "
-                           f"once outside CUDA-graph capture first (the buffer must outlive the graph)")
+        raise RuntimeError(f"split-K GEMM1 needs {n} counters, more than these weights' buffer holds; run the call "
+                           f"once at this M before CUDA-graph capture (the buffer must outlive the graph)")
     bufs.append(torch.zeros(max(n, SPLIT_COUNTERS_MIN), dtype=torch.int32, device=device))
     return bufs[-1]
 
