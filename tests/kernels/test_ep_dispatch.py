@@ -23,8 +23,10 @@ def _inputs(W, T, M, k, H, E, seed, dtype=torch.bfloat16):
     return [t.to(DEVICE) for t in (route, x, ids, w)], [t.to(DEVICE) for t in stale]
 
 
-@pytest.mark.parametrize("W,T,M,k,H,E,dtype", [(1, 4, 3, 2, 40, 8, torch.bfloat16), (3, 5, 4, 3, 40, 10, torch.float32),
-                                               (2, 3, 0, 4, 16, 8, torch.bfloat16), (4, 2, 2, 1, 1100, 8, torch.float16)])
+@pytest.mark.parametrize("W,T,M,k,H,E,dtype", [(1, 4, 3, 2, 40, 8, torch.bfloat16),
+                                               (3, 5, 4, 3, 40, 10, torch.float32),
+                                               (2, 3, 0, 4, 16, 8, torch.bfloat16),
+                                               (4, 2, 2, 1, 1100, 8, torch.float16)])
 def test_kernel_equals_torch_and_the_rule(W, T, M, k, H, E, dtype):
     (route, x, ids, w), stale = _inputs(W, T, M, k, H, E, seed=W * 100 + M, dtype=dtype)
     outs = []

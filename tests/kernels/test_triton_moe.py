@@ -124,6 +124,22 @@ def test_scale_words_give_the_same_bits(fmt):
     assert torch.isfinite(outs[1]).all() and torch.equal(outs[0], outs[1])
 
 
+def test_scale_words_refuse_scale_rows_off_a_4_byte_boundary():
+    from qmoe.kernels.moe import fused_moe
+
+    spec, w = make(4, 2, 128, 128, "mxfp4", seed=4)
+    kw = get_backend("triton").prepare(spec, w).meta["kernel_weights"]
+    assert kw.scale_words_aligned
+    shifted = torch.zeros(*kw.s13.shape[:2], kw.s13.shape[2] + 1, dtype=kw.s13.dtype, device=kw.s13.device)[..., 1:]
+    shifted.copy_(kw.s13)
+    bad = dataclasses.replace(kw, s13=shifted, counters=[])
+    assert not bad.scale_words_aligned
+    x, ids, tw = inputs(spec, 2, seed=1)
+    out = torch.empty(2, 128, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="not 4-byte aligned"):
+        fused_moe(x, ids, tw, bad, 1.702, 1.0, 7.0, KernelConfig(16, 32, 32, False, k_unroll=2, scale_words=True), out)
+
+
 def test_split_k_configs_are_not_invariant_and_refuse_bad_counts():
     from qmoe.backends.triton.configs import invariant
 

@@ -32,7 +32,7 @@ Forward (mirrors vLLM's sequence; no host synchronization, CUDA-graph capturable
       was a chain of about eight PyTorch elementwise launches until session 4, the likely cause
       of Marlin's decode gap to vLLM's run of the same kernels (gpt-oss M=1: 74 against 56 us);
   GEMM2 [M*k, Hp] = act @ w2 (+ b2), x topk_weights; moe_sum over the k slots (skipping the
-      slots of id E) into out (or a bf16 buffer copied into out).
+      slots of id -1, through the same map) into out (or a bf16 buffer copied into out).
 block_m = the first of 8, 16, 32, 48, 64 with M*k/E/block_m < 0.9 (vLLM's rule), else 64.
 Buffers are allocated per call, sized from M (graph-capture safe). Marlin reduces across thread
 blocks with atomics and locks: results are NOT bitwise reproducible run to run.

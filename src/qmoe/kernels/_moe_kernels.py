@@ -176,6 +176,20 @@ def _pair_scales(s_rows, c, FMT: tl.constexpr):
 
 
 @triton.jit
+def _group_scales(s_rows, c0, U: tl.constexpr, FMT: tl.constexpr, WORDS: tl.constexpr):
+    """The raw scales of chunks c0 .. c0 + U - 1 of one loop iteration, (lo, hi) of each in turn:
+    2U values; WORDS: read two chunks per 32-bit load (`_pair_scales`; U and c0 even)."""
+    t = ()
+    if WORDS:
+        for u in tl.static_range(0, U, 2):
+            t = t + _pair_scales(s_rows, c0 + u, FMT)
+    else:
+        for u in tl.static_range(U):
+            t = t + _chunk_scales(s_rows, c0 + u)
+    return t
+
+
+@triton.jit
 def _load_chunk(w_rows, sc, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
                 CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr):
     """Chunk c (2G elements) of BN rows -> (lo, hi): [BN, G] each in CDT, scales applied
@@ -387,19 +401,11 @@ def moe_gemm1_kernel(
         c_main = c_lo + (tl.maximum(tl.minimum(c_hi, H // (2 * G)) - c_lo, 0)) // U * U
     # U chunks per iteration, unrolled (their loads are independent); no masks in this loop
     for c0 in range(c_lo, c_main, U):
-        if WORDS:  # scales of two chunks per 32-bit load (U even, c0 even)
-            for u in tl.static_range(0, U, 2):
-                g0, g1, g2, g3 = _pair_scales(sg_rows, c0 + u, FMT)
-                u0, u1, u2, u3 = _pair_scales(su_rows, c0 + u, FMT)
-                acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, (g0, g1), (u0, u1),
-                                            c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP, False)
-                acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, (g2, g3), (u2, u3),
-                                            c0 + u + 1, BN, FMT, G, CDT, ASM, FOLD, SWAP, False)
-        else:
-            for u in tl.static_range(U):
-                acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows,
-                                            _chunk_scales(sg_rows, c0 + u), _chunk_scales(su_rows, c0 + u), c0 + u,
-                                            BN, FMT, G, CDT, ASM, FOLD, SWAP, False)
+        sg = _group_scales(sg_rows, c0, U, FMT, WORDS)
+        su = _group_scales(su_rows, c0, U, FMT, WORDS)
+        for u in tl.static_range(U):
+            acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, (sg[2 * u], sg[2 * u + 1]),
+                                        (su[2 * u], su[2 * u + 1]), c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP, False)
     for c in range(c_main, c_hi):     # the rest, one chunk at a time, x columns masked at H
         acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, _chunk_scales(sg_rows, c),
                                     _chunk_scales(su_rows, c), c, BN, FMT, G, CDT, ASM, FOLD, SWAP, True)
@@ -480,16 +486,10 @@ def moe_gemm2_kernel(
         c_lo, c_hi = _split_chunks(Ip // (2 * G), sk, SPLIT, U)
         c_main = c_lo + tl.maximum(c_hi - c_lo, 0) // U * U
     for c0 in range(c_lo, c_main, U):
-        if WORDS:  # scales of two chunks per 32-bit load (U even, c0 even)
-            for u in tl.static_range(0, U, 2):
-                s0, s1, s2, s3 = _pair_scales(s_rows, c0 + u, FMT)
-                acc = _gemm2_chunk(acc, a_rows, valid, w_rows, (s0, s1), c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP)
-                acc = _gemm2_chunk(acc, a_rows, valid, w_rows, (s2, s3), c0 + u + 1, BN, FMT, G, CDT, ASM, FOLD,
-                                   SWAP)
-        else:
-            for u in tl.static_range(U):
-                acc = _gemm2_chunk(acc, a_rows, valid, w_rows, _chunk_scales(s_rows, c0 + u), c0 + u, BN, FMT, G,
-                                   CDT, ASM, FOLD, SWAP)
+        sc = _group_scales(s_rows, c0, U, FMT, WORDS)
+        for u in tl.static_range(U):
+            acc = _gemm2_chunk(acc, a_rows, valid, w_rows, (sc[2 * u], sc[2 * u + 1]), c0 + u, BN, FMT, G, CDT, ASM,
+                               FOLD, SWAP)
     for c in range(c_main, c_hi):
         acc = _gemm2_chunk(acc, a_rows, valid, w_rows, _chunk_scales(s_rows, c), c, BN, FMT, G, CDT, ASM, FOLD, SWAP)
     if SWAP:

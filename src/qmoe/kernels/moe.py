@@ -14,6 +14,7 @@ capturable.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -129,6 +130,12 @@ class MoEKernelWeights:
     fold2: bool = True
     counters: list = field(default_factory=list, repr=False)
     """GEMM1's split-K counters for calls on these weights (`split_counters`)."""
+
+    @functools.cached_property
+    def scale_words_aligned(self) -> bool:
+        """Whether every row of s13 and s2 starts on a 4-byte boundary (KernelConfig.scale_words
+        reads them as 32-bit words); checked once per set of weights, not per call."""
+        return not any(s.stride(1) * s.element_size() % 4 or s.data_ptr() % 4 for s in (self.s13, self.s2))
 
     @property
     def E(self) -> int:
@@ -280,7 +287,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     direct = cfg.direct and MK <= DIRECT_MAX_SLOTS
     ids = topk_ids.reshape(-1)
     words = cfg.scale_words
-    if words and any(s.stride(1) * s.element_size() % 4 or s.data_ptr() % 4 for s in (weights.s13, weights.s2)):
+    if words and not weights.scale_words_aligned:
         raise ValueError("cfg.scale_words: the scale rows are not 4-byte aligned (kernels/layout.py pads K to a "
                          "multiple of 128, which makes them so)")
     if direct:  # the GEMMs find their blocks from the ids: no grouping launch
@@ -305,7 +312,8 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         float(alpha), float(beta), float(limit) if limit is not None else 0.0,
         FMT=fmt, G=G, HAS_BIAS=has_bias1, HAS_LIMIT=limit is not None,
         BM=BM, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold13,
-        DIRECT=direct, MKP=mkp, PDL=pdl, SPLIT=S1, WORDS=words, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
+        DIRECT=direct, MKP=mkp, PDL=pdl, SPLIT=S1, WORDS=words, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **launch)
     S = cfg.split_k
     y = torch.empty(S, MK, H, dtype=torch.float32, device=x.device)
     n2 = Hp // cfg.block_n2
@@ -316,7 +324,8 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         H, Hp, Ip, n2, weights.w2.stride(1), weights.s2.stride(1), MK * H,
         FMT=fmt, G=G, HAS_BIAS=has_bias2,
         BM=BM, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold2,
-        SPLIT=S, DIRECT=direct, MKP=mkp, PDL=pdl, WORDS=words, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
+        SPLIT=S, DIRECT=direct, MKP=mkp, PDL=pdl, WORDS=words, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **launch)
     _record(stats, (("gemm1", k1, NB * n1 * S1), ("gemm2", k2, NB * n2 * S)))
     return _combine(y, topk_ids, E, out, shared_output, pdl)
 

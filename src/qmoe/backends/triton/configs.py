@@ -180,8 +180,9 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     """Launch configurations worth timing at m tokens (a handful per regime, so that tuning three
     presets fits in minutes): decode tiles of 16 rows with the grouping inside the GEMMs and
     programmatic dependent launch, and without (the default); split-K (2 or 4 parts, GEMM1 and
-    GEMM2) when almost every expert sees one token; each of these with and without scale_words; 32- and 64-row blocks in between; 128-row blocks for prefill (int4 also
-    with the weight as the MMA's first operand, which the E2M1 decode cannot do)."""
+    GEMM2) when almost every expert sees one token; each of these with and without scale_words;
+    32- and 64-row blocks in between; 128-row blocks for prefill (int4 also with the weight as the
+    MMA's first operand, which the E2M1 decode cannot do)."""
     from ...kernels.moe import KernelConfig as C
 
     per_expert = m * top_k / num_experts
@@ -212,5 +213,5 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     return [c for c in out if invariant(c)] if batch_invariant else out
 
 
-__all__ = ["ENV_VAR", "SHIPPED", "USER_TABLE", "candidates", "config_for", "default_config", "invariant", "kernel_config",
-           "load_configs", "padded_sizes", "validate_entry", "versions", "write_configs"]
+__all__ = ["ENV_VAR", "SHIPPED", "USER_TABLE", "candidates", "config_for", "default_config", "invariant",
+           "kernel_config", "load_configs", "padded_sizes", "validate_entry", "versions", "write_configs"]
