@@ -53,8 +53,10 @@ def main():
                 active = int(torch.unique(ids).numel())
                 print(f"=== {name} {bname} M={M} ({active} active experts)", flush=True)
                 cudart.cudaProfilerStart()
+                torch.cuda.nvtx.range_push(f"{name} {bname} M={M}")   # ncu --nvtx names the call per kernel
                 run(x, ids, w, out)
                 torch.cuda.synchronize()
+                torch.cuda.nvtx.range_pop()
                 cudart.cudaProfilerStop()
             del prepared
             torch.cuda.empty_cache()

@@ -8,7 +8,7 @@
 #   bash scripts/device/qualify.sh check    # qmoe check of every usable backend
 #   bash scripts/device/qualify.sh models   # a patched HF model under a CUDA graph: time per forward
 #   bash scripts/device/qualify.sh parallel # EP / TP groups of one (NCCL) against plain qmoe.MoE
-#   bash scripts/device/qualify.sh words    # prefill: the shipped configs against their scale_words twins
+#   bash scripts/device/qualify.sh ab       # the shipped configs against variants (VARIANTS, AB_TOKENS)
 #   bash scripts/device/qualify.sh ncu      # hardware counters of the decode GEMMs, qmoe's and the peers'
 #   bash scripts/device/qualify.sh a b ...  # several steps in one call
 #
@@ -73,25 +73,28 @@ step() {
       echo "models rc=$?"; grep -E "per forward|passed|failed|^(FAILED|ERROR)" "$OUT/models.log" | tail -8 ;;
     ncu)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      # why warps wait: cycles stalled per issued instruction, by reason
+      STALLS="long_scoreboard short_scoreboard barrier mio_throttle math_pipe_throttle wait not_selected selected
+        lg_throttle dispatch_stall no_instruction membar branch_resolving drain imc_miss tex_throttle sleeping misc" 
       # ncu prints its report when the program ends: a run stopped by its timeout returns nothing.
       # 109 kernels x 18 replay passes did not end in 330 s (session 4), so only the GEMMs are
       # profiled (30 kernels for the defaults: about 2.5 s each, plus a minute of set-up).
-      timeout ${T_NCU:-300} $NCU --profile-from-start off --clock-control none \
+      timeout ${T_NCU:-300} $NCU --profile-from-start off --clock-control none --nvtx \
         --kernel-name regex:"${NCU_KERNELS:-moe_gemm|humming|Marlin|matmul}" --section SpeedOfLight --section ComputeWorkloadAnalysis --section InstructionStats \
         --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+        --metrics "$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' $STALLS | sed 's/,$//')" \
         python3 scripts/device/prof_decode.py --presets ${NCU_PRESETS:-gpt-oss-120b,kimi-k2.5} \
         --backends ${NCU_BACKENDS:-triton,humming,marlin} --tokens ${NCU_TOKENS:-16,64} > "$OUT/ncu_decode.txt" 2>&1
-      echo "ncu rc=$?"; grep -E "^===|^  [A-Za-z_].*\(|Duration|DRAM Throughput|Achieved Occupancy|Registers Per Thread|Grid Size|Warp Cycles Per Issued" \
-        "$OUT/ncu_decode.txt" | cut -c1-110 | head -170 ;;
-    words)
-      timeout ${T_WORDS:-240} python3 scripts/device/words_ab.py --presets "$PRESETS" --tokens ${WORDS_TOKENS:-1024,4096,8192} \
-        > "$OUT/words_ab.log" 2>&1
-      echo "words rc=$?"; tail -12 "$OUT/words_ab.log" ;;
+      echo "ncu rc=$?"; python3 scripts/device/ncu_table.py "$OUT/ncu_decode.txt" | cut -c1-170 | head -60 ;;
+    ab)
+      timeout ${T_AB:-240} python3 scripts/device/config_ab.py --presets "$PRESETS" --tokens ${AB_TOKENS:-1024,4096,8192} \
+        --variants "${VARIANTS:-scale_words=flip}" > "$OUT/config_ab.log" 2>&1
+      echo "ab rc=$?"; sed -n '/^preset /,$p' "$OUT/config_ab.log" | tail -${AB_TAIL:-40} ;;
     parallel)
       timeout ${T_PARALLEL:-120} python3 scripts/device/parallel_check.py --presets ${PAR_PRESETS:-gpt-oss-120b} \
         > "$OUT/parallel.log" 2>&1
       echo "parallel rc=$?"; tail -16 "$OUT/parallel.log" ;;
-    *) echo "usage: qualify.sh tests|probe|bench|tune|check|models|ncu|parallel|words ..." >&2; exit 2 ;;
+    *) echo "usage: qualify.sh tests|probe|bench|tune|check|models|ncu|parallel|ab ..." >&2; exit 2 ;;
   esac
 }
 for s in "$@"; do
