@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import qmoe
-from qmoe.kernels.layout import E2M1_WORD_BITS, INT4_WORD_BITS, KT, from_kernel_layout, to_kernel_layout
+from qmoe.kernels.layout import (E2M1_WORD_BITS, INT4_WORD_BITS, KT, NVFP4_CODE_BIAS, from_kernel_layout,
+                                 nvfp4_codes_exact, nvfp4_scale_codes, nvfp4_scales_of_codes, to_kernel_layout)
 from qmoe.kernels.moe import MoEKernelWeights
 
 SCALE_DTYPES = {"mxfp4": torch.uint8, "nvfp4": torch.float8_e4m3fn, "int4": torch.bfloat16}
@@ -66,6 +67,48 @@ def test_fold_flag_follows_the_largest_mxfp4_scale():
     for w, fold13 in ((small, True), (big, False)):
         kw = MoEKernelWeights.from_canonical("mxfp4", w.w13.data, w.w13.scales, w.w2.data, w.w2.scales)
         assert (kw.fold13, kw.fold2) == (fold13, True)
+
+
+def test_nvfp4_scale_codes_round_trip_and_give_the_decode_its_bf16():
+    """Every non-negative finite E4M3 byte (subnormals included) has a code; the code's bf16 bits
+    (code * 16 + bias, the GPU decode's one instruction) are the scale x 2^118 exactly."""
+    raw = torch.arange(0x7F, dtype=torch.int16).to(torch.uint8)
+    codes = nvfp4_scale_codes(raw)
+    assert torch.equal(nvfp4_scales_of_codes(codes), raw)
+    assert int(codes[0]) == 0 and codes[1:].ge(1).all() and int(codes.max()) == 143
+    assert len(set(codes.tolist())) == 0x7F
+    bits = (codes[1:].to(torch.int32) * 16 + NVFP4_CODE_BIAS).to(torch.int16).view(torch.bfloat16).float()
+    assert torch.equal(bits, raw[1:].view(torch.float8_e4m3fn).float() * 2.0 ** 118)
+    for bad in (0x7F, 0x80, 0xB8, 0xFF):   # NaN, -0, a negative scale, NaN
+        with pytest.raises(ValueError, match="no code"):
+            nvfp4_scale_codes(torch.tensor([0x38, bad], dtype=torch.uint8))
+    with pytest.raises(ValueError, match="not scales"):
+        nvfp4_scales_of_codes(torch.tensor([144], dtype=torch.uint8))
+
+
+def test_nvfp4_codes_only_where_exact():
+    """Codes are used when every scale is non-negative and finite and zero scales hold only +-0
+    codes; otherwise the raw E4M3 bytes stay (fold off), and both round-trip."""
+    E, I, H = 2, 64, 64
+    w = qmoe.ExpertWeights.from_float(torch.randn(E, 2 * I, H), torch.randn(E, H, I), "nvfp4")
+    assert nvfp4_codes_exact(w.w13.data, w.w13.scales)
+    zero_scale = w.w13.scales.clone()
+    zero_scale.view(torch.uint8)[1, 3, 2] = 0          # a zero scale over non-zero codes
+    neg = w.w2.scales.clone()
+    neg.view(torch.uint8)[0, 5, 1] |= 0x80             # a negative scale
+    zero_codes = w.w13.data.clone()
+    zero_codes[1, 3, 16:24] &= 0x88                    # that group's codes made +-0
+    assert not nvfp4_codes_exact(w.w13.data, zero_scale) and not nvfp4_codes_exact(w.w2.data, neg)
+    assert nvfp4_codes_exact(zero_codes, zero_scale)
+    for d13, s13, s2, folds in ((w.w13.data, w.w13.scales, w.w2.scales, (True, True)),
+                                (w.w13.data, zero_scale, neg, (False, False)),
+                                (zero_codes, zero_scale, w.w2.scales, (True, True))):
+        kw = MoEKernelWeights.from_canonical("nvfp4", d13, s13, w.w2.data, s2, w.w13.global_scale, w.w2.global_scale)
+        assert (kw.fold13, kw.fold2) == folds
+        back = kw.to_canonical(torch.float8_e4m3fn)
+        assert torch.equal(back[0], d13) and torch.equal(back[2], w.w2.data)
+        assert torch.equal(back[1].view(torch.uint8), s13.view(torch.uint8))
+        assert torch.equal(back[3].view(torch.uint8), s2.view(torch.uint8))
 
 
 def test_nibble_placement_and_padding():

@@ -124,6 +124,31 @@ def test_scale_words_give_the_same_bits(fmt):
     assert torch.isfinite(outs[1]).all() and torch.equal(outs[0], outs[1])
 
 
+def _raw_nvfp4_twin(kw):
+    """The same nvfp4 kernel weights with raw E4M3 scales (the long decode, fold off)."""
+    from qmoe.kernels.layout import nvfp4_scales_of_codes
+
+    assert kw.fmt == "nvfp4" and kw.fold13 and kw.fold2
+    return dataclasses.replace(kw, s13=nvfp4_scales_of_codes(kw.s13), s2=nvfp4_scales_of_codes(kw.s2),
+                               fold13=False, fold2=False, counters=[])
+
+
+def test_nvfp4_scale_codes_give_the_raw_scales_bits():
+    """nvfp4 through scale codes and through the raw E4M3 bytes: the same output, bitwise."""
+    from qmoe.kernels.moe import fused_moe
+
+    spec, w = make(4, 2, 96, 160, "nvfp4", seed=6)
+    kw = get_backend("triton").prepare(spec, w).meta["kernel_weights"]
+    x, ids, tw = inputs(spec, 5, seed=2)
+    cfg = KernelConfig(16, 32, 32, False, k_unroll=2, scale_words=True)
+    outs = []
+    for weights in (kw, _raw_nvfp4_twin(kw)):
+        out = torch.full((5, 96), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        outs.append(fused_moe(x, ids, tw, weights, 1.702, 1.0, 7.0, cfg, out))
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+    assert rel_err(outs[0], reference_moe(spec, w, x, ids, tw)) < TOL
+
+
 def test_scale_words_refuse_scale_rows_off_a_4_byte_boundary():
     from qmoe.kernels.moe import fused_moe
 
@@ -231,6 +256,30 @@ def test_split_k_and_scale_words_capture_and_replay_on_gpu(fmt):
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
         assert not kmoe.split_counters(prep.meta["kernel_weights"], 1).any()
+
+
+@gpu
+@pytest.mark.gpu
+def test_nvfp4_scale_codes_give_the_raw_scales_bits_on_gpu():
+    """The GPU decode of scale codes (one integer instruction) against the raw E4M3 bytes' (about
+    ten), qwen3-30b-a3b at decode and prefill sizes: the same bits."""
+    from qmoe.kernels.moe import fused_moe
+
+    spec = qmoe.presets["qwen3-30b-a3b"]
+    w = random_weights(spec, "nvfp4", "cuda", seed=4)
+    b = get_backend("triton")
+    prep = b.prepare(spec, w)
+    kw = prep.meta["kernel_weights"]
+    raw = _raw_nvfp4_twin(kw)
+    act = spec.activation
+    for M in (1, 64, 1024):
+        x = torch.randn(M, spec.hidden_size, device="cuda").to(torch.bfloat16)
+        ids, tw = qmoe.route(spec, torch.randn(M, spec.num_experts, device="cuda"))
+        cfg = b.config_for(prep, M)
+        outs = [fused_moe(x, ids, tw, weights, act.alpha, act.beta, act.limit, cfg,
+                          torch.full((M, spec.hidden_size), float("nan"), dtype=torch.bfloat16, device="cuda"))
+                for weights in (kw, raw)]
+        assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1]), f"M={M}"
 
 
 @gpu

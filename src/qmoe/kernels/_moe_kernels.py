@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .activation import swiglu
+from .layout import NVFP4_CODE_BIAS
 
 FMT_MXFP4 = 0
 FMT_NVFP4 = 1
@@ -31,6 +32,8 @@ FMT_INT4 = 2
 _TWO_POW_126 = tl.constexpr(8.507059173023462e37)
 _TWO_POW_120 = tl.constexpr(1.329227995784916e36)
 _TWO_POW_118 = tl.constexpr(3.323069989462290e35)
+_TWO_POW_M118 = tl.constexpr(3.009265538105056e-36)
+_NVFP4_CODE_BIAS = tl.constexpr(NVFP4_CODE_BIAS)
 NVFP4_POST = 256.0
 """nvfp4 on the GPU: scales enter the decode as E4M3 x 2^118 (so E2M1 x 2^-126 times the
 scale is exact in bf16 and never overflows); the accumulator is multiplied by 2^8 after."""
@@ -93,9 +96,13 @@ def _e2m1_to_f32(c):
 
 
 @triton.jit
-def _scale_to_f32(s, FMT: tl.constexpr):
-    """Raw scale bytes (uint32 of uint8 / int16 bits) -> fp32 scale."""
-    if FMT == 0:  # E8M0: 2^(s-127); 0 -> 2^-127 (subnormal), 255 -> NaN
+def _scale_to_f32(s, FMT: tl.constexpr, FOLD: tl.constexpr):
+    """Raw scale bytes (uint32 of uint8 / int16 bits) -> fp32 scale; nvfp4 with FOLD: scale codes
+    (layout.nvfp4_scale_codes, 0 = a zero scale)."""
+    if FMT == 1 and FOLD:
+        v = ((s * 16 + _NVFP4_CODE_BIAS) << 16).to(tl.float32, bitcast=True) * _TWO_POW_M118
+        return tl.where(s == 0, 0.0, v)
+    elif FMT == 0:  # E8M0: 2^(s-127); 0 -> 2^-127 (subnormal), 255 -> NaN
         bits = (s << 23) | tl.where((s == 0) | (s == 255), 0x400000, 0)
         return bits.to(tl.float32, bitcast=True)
     elif FMT == 1:  # E4M3 (fn): place eeee.mmm in an fp32, rescale by 2^120; 0x7F/0xFF are NaN
@@ -110,7 +117,8 @@ def _scale_to_f32(s, FMT: tl.constexpr):
 def _scale_for_asm(s, FMT: tl.constexpr, FOLD: tl.constexpr):
     """Raw scales (uint32 of the raw bits) -> the bf16 the GPU decode multiplies by:
     mxfp4 folded 2^(s-1) (= scale x 2^126, exact for s <= 128: one integer op), mxfp4
-    unfolded 2^(s-127) (0 -> 2^-127, 255 -> NaN), nvfp4 E4M3 x 2^118, int4 the bf16 itself."""
+    unfolded 2^(s-127) (0 -> 2^-127, 255 -> NaN), nvfp4 E4M3 x 2^118 (FOLD: from the scale
+    code; a zero scale's code reads as a finite value, which only +-0 codes meet), int4 the bf16."""
     if FMT == 0:
         if FOLD:
             bits = (s + 126) << 7
@@ -118,7 +126,9 @@ def _scale_for_asm(s, FMT: tl.constexpr, FOLD: tl.constexpr):
             bits = tl.where(s == 0, 0x40, tl.where(s == 255, 0x7FC0, s << 7))
         return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
     elif FMT == 1:
-        return (_scale_to_f32(s, 1) * _TWO_POW_118).to(tl.bfloat16)
+        if FOLD:   # a scale code: the bf16 bits in one integer instruction
+            return (s * 16 + _NVFP4_CODE_BIAS).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return (_scale_to_f32(s, 1, False) * _TWO_POW_118).to(tl.bfloat16)
     else:
         return s.to(tl.int16).to(tl.bfloat16, bitcast=True)
 
@@ -206,7 +216,7 @@ def _load_chunk(w_rows, sc, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.conste
         if FMT == 2:
             lo, hi = tl.inline_asm_elementwise(_ASM_INT4, "=r,=r,=r,=r,r,r,r,r,r", [b, slo, shi],
                                                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-        elif FOLD:
+        elif FOLD or FMT == 1:   # nvfp4 scales x 2^118 always fit a bf16 (FOLD: whether they are codes)
             lo, hi = tl.inline_asm_elementwise(_ASM_E2M1, "=r,=r,=r,=r,r,r,r,r,r", [b, slo, shi],
                                                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
         else:
@@ -221,7 +231,7 @@ def _load_chunk(w_rows, sc, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.conste
         else:
             v_lo = _e2m1_to_f32(c_lo)
             v_hi = _e2m1_to_f32(c_hi)
-        return (v_lo * _scale_to_f32(s_lo, FMT)).to(CDT), (v_hi * _scale_to_f32(s_hi, FMT)).to(CDT)
+        return (v_lo * _scale_to_f32(s_lo, FMT, FOLD)).to(CDT), (v_hi * _scale_to_f32(s_hi, FMT, FOLD)).to(CDT)
 
 
 @triton.jit

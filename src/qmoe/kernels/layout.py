@@ -23,7 +23,12 @@ Kernel layout ("split-nibble K tiles"), per matrix [E, N, K]:
   high half scale 2c + 1), stored as raw bytes: uint8 (E8M0 for mxfp4, E4M3 bits for
   nvfp4) or int16 (bf16 bits for int4).
 
-`to_kernel_layout` and `from_kernel_layout` are inverses (tests round-trip them).
+- nvfp4 scales may be stored as codes instead (`nvfp4_scale_codes`): one byte that becomes the
+  bf16 the GPU decode multiplies by (E4M3 x 2^118) in one integer instruction, where the raw
+  E4M3 bits need about ten. MoEKernelWeights decides per matrix (`nvfp4_codes_exact`).
+
+`to_kernel_layout` and `from_kernel_layout` are inverses, and so are `nvfp4_scale_codes` and
+`nvfp4_scales_of_codes` (tests round-trip them).
 """
 
 from __future__ import annotations
@@ -157,3 +162,62 @@ def from_kernel_layout(data: torch.Tensor, scales: torch.Tensor, n: int, k: int,
     packed = rows[..., 0::2] | (rows[..., 1::2] << 4)
     s = torch.cat([scales[:, h * nhp:h * nhp + nh, : k // block] for h in range(halves)], dim=1)
     return packed.contiguous(), s.contiguous().view(scale_dtype)
+
+
+NVFP4_CODE_BIAS = 0x75F0
+"""nvfp4 scale codes: bf16 bits = code * 16 + NVFP4_CODE_BIAS is the E4M3 scale x 2^118, exact,
+for codes 1..143 (every positive finite E4M3 value: the subnormals 2^-9 .. 1.75 x 2^-7 too, since
+their 3 significant bits fit bf16's mantissa). Code 0 is a zero scale; the decode reads it as
+1.875 x 2^108, which is exact only because a zero scale's codes must all be +-0 for the codes to
+be used (`nvfp4_codes_exact`)."""
+
+
+def _e4m3_code_table(device) -> torch.Tensor:
+    """int16 [256]: the code of each E4M3 byte, -1 where there is none (negative, NaN)."""
+    raw = torch.arange(256, dtype=torch.int16, device=device).to(torch.uint8)
+    bits = (raw.view(torch.float8_e4m3fn).float() * 2.0 ** 118).to(torch.bfloat16).view(torch.int16).to(torch.int32)
+    code = torch.where(raw == 0, 0, (bits - NVFP4_CODE_BIAS) >> 4)
+    ok = (raw < 0x7F) & ((raw == 0) | ((bits - NVFP4_CODE_BIAS) & 15 == 0))
+    return torch.where(ok, code, -1).to(torch.int16)
+
+
+def nvfp4_scale_codes(raw: torch.Tensor) -> torch.Tensor:
+    """E4M3 scale bytes (uint8, any shape; sign bit clear, not NaN) -> codes (uint8, same shape):
+    0 for a zero scale, else (bf16 bits of scale x 2^118 - NVFP4_CODE_BIAS) / 16 in 1..143.
+    ValueError for a negative or NaN scale (`nvfp4_codes_exact` says beforehand)."""
+    code = _e4m3_code_table(raw.device)[raw.long()]
+    if bool((code < 0).any()):
+        raise ValueError("nvfp4 scale codes: negative or NaN E4M3 scales have no code")
+    return code.to(torch.uint8)
+
+
+def nvfp4_scales_of_codes(code: torch.Tensor) -> torch.Tensor:
+    """Inverse of `nvfp4_scale_codes`: codes (uint8) -> E4M3 scale bytes (uint8)."""
+    table = _e4m3_code_table(code.device)
+    inverse = torch.zeros(256, dtype=torch.uint8, device=code.device)
+    has = table >= 0
+    inverse[table[has].long()] = torch.arange(256, device=code.device)[has].to(torch.uint8)
+    if bool((code > 143).any()):
+        raise ValueError("nvfp4 scale codes: codes above 143 are not scales")
+    return inverse[code.long()]
+
+
+def nvfp4_codes_exact(data: torch.Tensor, scales: torch.Tensor, block: int = 16) -> bool:
+    """Whether one matrix stack's nvfp4 scales can be stored as codes with the GPU decode exact:
+    every scale non-negative and finite, and every group with a zero scale holding only +-0
+    codes (its values are 0 whatever the scale is read as).
+
+    data: [E, N, K/2] uint8 canonical packing; scales: [E, N, K/block] float8_e4m3fn (or raw
+    uint8). One expert at a time, so the temporaries are one expert's bytes."""
+    raw = _raw_scales(scales)
+    if raw.numel() == 0:
+        return True
+    if bool((raw >= 0x7F).any()):   # sign bit set (0x80..) or NaN (0x7F, 0xFF)
+        return False
+    for e in range(data.shape[0]):
+        zero = raw[e] == 0
+        if bool(zero.any()):
+            nonzero = ((data[e].view(*zero.shape, block // 2) & 0x77) != 0).any(-1)  # a magnitude bit set
+            if bool((zero & nonzero).any()):
+                return False
+    return True

@@ -23,7 +23,8 @@ import triton.language as tl
 
 from . import _moe_kernels as K
 from . import interpreted
-from .layout import E2M1_WORD_BITS, INT4_WORD_BITS, from_kernel_layout, round_up, to_kernel_layout
+from .layout import (E2M1_WORD_BITS, INT4_WORD_BITS, from_kernel_layout, nvfp4_codes_exact, nvfp4_scale_codes,
+                     nvfp4_scales_of_codes, round_up, to_kernel_layout)
 
 FORMAT_CODES = {"mxfp4": K.FMT_MXFP4, "nvfp4": K.FMT_NVFP4, "int4": K.FMT_INT4}
 FORMAT_BLOCKS = {"mxfp4": 32, "nvfp4": 16, "int4": 32}
@@ -111,8 +112,10 @@ class MoEKernelWeights:
     w13: [E, 2Ip, Hp/2] uint8; s13: [E, 2Ip, Hp/G] uint8 | int16; w2: [E, Hp, Ip/2] uint8;
     s2: [E, Hp, Ip/G]; gs13, gs2: [E] fp32 (nvfp4 global scales, else None);
     b13: [E, 2Ip] fp32 or None; b2: [E, Hp] fp32 or None. H, I: logical sizes.
-    fold13 / fold2: the matrix's scales allow the one-multiply decode (see MXFP4_FOLD_MAX;
-    always True for nvfp4 and int4). counters: filled by `split_counters`, not by callers.
+    fold13 / fold2: the matrix's scales take the short decode: mxfp4, one multiply per pair
+    (MXFP4_FOLD_MAX); nvfp4, the scales are stored as codes (layout.nvfp4_scale_codes: one integer
+    instruction each instead of about ten; exact when layout.nvfp4_codes_exact); always True for
+    int4. counters: filled by `split_counters`, not by callers.
     """
 
     fmt: str
@@ -174,17 +177,23 @@ class MoEKernelWeights:
             pb2 = torch.zeros(E, Hp, dtype=torch.float32, device=b2.device)
             pb2[:, :H] = b2
         f32 = (lambda t: None if t is None else t.float().contiguous())
-        fold = (lambda sc: fmt != "mxfp4" or sc.numel() == 0 or int(sc.max()) <= MXFP4_FOLD_MAX)
-        return cls(fmt, H, I, w13, s13, w2, s2, f32(w13_global), f32(w2_global), pb13, pb2,
-                   fold(s13), fold(s2))
+        if fmt == "nvfp4":   # scales as codes where that is exact (kernels/layout.py)
+            fold13, fold2 = nvfp4_codes_exact(w13_data, w13_scales), nvfp4_codes_exact(w2_data, w2_scales)
+            s13 = nvfp4_scale_codes(s13) if fold13 else s13
+            s2 = nvfp4_scale_codes(s2) if fold2 else s2
+        else:
+            fold13, fold2 = (fmt != "mxfp4" or sc.numel() == 0 or int(sc.max()) <= MXFP4_FOLD_MAX for sc in (s13, s2))
+        return cls(fmt, H, I, w13, s13, w2, s2, f32(w13_global), f32(w2_global), pb13, pb2, fold13, fold2)
 
     def to_canonical(self, scale_dtype: torch.dtype):
         """Inverse of `from_canonical`: (w13_data, w13_scales, w2_data, w2_scales, b13, b2)."""
         G = FORMAT_BLOCKS[self.fmt]
         H, I, Ip = self.H, self.I, self.Ip
         wb = WORD_BITS[self.fmt]
-        w13, s13 = from_kernel_layout(self.w13, self.s13, 2 * I, H, G, scale_dtype, halves=2, word_bits=wb)
-        w2, s2 = from_kernel_layout(self.w2, self.s2, H, I, G, scale_dtype, halves=1, word_bits=wb)
+        raw = (lambda sc, fold: nvfp4_scales_of_codes(sc) if self.fmt == "nvfp4" and fold else sc)
+        w13, s13 = from_kernel_layout(self.w13, raw(self.s13, self.fold13), 2 * I, H, G, scale_dtype, halves=2,
+                                      word_bits=wb)
+        w2, s2 = from_kernel_layout(self.w2, raw(self.s2, self.fold2), H, I, G, scale_dtype, halves=1, word_bits=wb)
         b13 = None if self.b13 is None else torch.cat((self.b13[:, :I], self.b13[:, Ip:Ip + I]), dim=1)
         b2 = None if self.b2 is None else self.b2[:, :H].contiguous()
         return w13, s13, w2, s2, b13, b2
