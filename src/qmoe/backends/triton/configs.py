@@ -155,50 +155,52 @@ def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", bat
     """Launch configuration when no table entry exists (measured on an H200 at gpt-oss-120b
     shapes, docs/performance.md): 16-row blocks while experts see up to ~12 tokens, with the
     grouping inside the GEMMs and programmatic dependent launch while there are at most 32
-    (token, expert) slots, and the scales loaded as 32-bit words (faster in every decode case
-    measured, session 5); 32-row blocks up to ~48 tokens per expert, then 128-row blocks
+    (token, expert) slots; 32-row blocks up to ~48 tokens per expert, then 128-row blocks
     (int4 from 32 rows up with the weight as the MMA's first operand; the E2M1 formats cannot:
-    see kernels/moe.py). batch_invariant: 32-row blocks beyond (`invariant`)."""
+    see kernels/moe.py). batch_invariant: 32-row blocks beyond (`invariant`). The scales are
+    loaded as 32-bit words everywhere: the same bits, faster in every case measured (decode in
+    session 5, prefill in session 6)."""
     from ...kernels.moe import KernelConfig
 
     swap = fmt == "int4" and not batch_invariant
     per_expert = m * top_k / num_experts
     if m * top_k <= 32:
-        return KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=4,
-                            direct=True, pdl=True, scale_words=True)
-    if per_expert <= 12:
-        return KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=4,
-                            scale_words=True)
-    if per_expert <= 48 or batch_invariant:
-        return KernelConfig(block_m=32, block_n1=64, block_n2=64, swap=swap, num_warps=4, num_stages=3, k_unroll=2)
-    if swap:
-        return KernelConfig(block_m=128, block_n1=64, block_n2=64, swap=True, num_warps=4, num_stages=3, k_unroll=2)
-    return KernelConfig(block_m=128, block_n1=128, block_n2=128, swap=False, num_warps=8, num_stages=3, k_unroll=2)
+        c = KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=4,
+                         direct=True, pdl=True)
+    elif per_expert <= 12:
+        c = KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=4)
+    elif per_expert <= 48 or batch_invariant:
+        c = KernelConfig(block_m=32, block_n1=64, block_n2=64, swap=swap, num_warps=4, num_stages=3, k_unroll=2)
+    elif swap:
+        c = KernelConfig(block_m=128, block_n1=64, block_n2=64, swap=True, num_warps=4, num_stages=3, k_unroll=2)
+    else:
+        c = KernelConfig(block_m=128, block_n1=128, block_n2=128, swap=False, num_warps=8, num_stages=3, k_unroll=2)
+    return replace(c, scale_words=True)
 
 
 def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_invariant: bool = False):
     """Launch configurations worth timing at m tokens (a handful per regime, so that tuning three
     presets fits in minutes): decode tiles of 16 rows with the grouping inside the GEMMs and
-    programmatic dependent launch, and without (the default); split-K (2 or 4 parts, GEMM1 and
-    GEMM2) when almost every expert sees one token; each of these with and without scale_words;
-    32- and 64-row blocks in between; 128-row blocks for prefill (int4 also with the weight as the
-    MMA's first operand, which the E2M1 decode cannot do)."""
+    programmatic dependent launch, and without (the default), with GEMM2 tiles of 64 or 128
+    columns; split-K (2 or 4 parts, GEMM1 and GEMM2) when almost every expert sees one token; 32-
+    and 64-row blocks in between; 128-row blocks for prefill (int4 also with the weight as the
+    MMA's first operand, which the E2M1 decode cannot do). All load the scales as 32-bit words
+    (`default_config`)."""
     from ...kernels.moe import KernelConfig as C
 
     per_expert = m * top_k / num_experts
     fast = dict(direct=True, pdl=True) if m * top_k <= 32 else {}
     out = [default_config(m, top_k, num_experts, fmt), default_config(m, top_k, num_experts, fmt, True)]
     if per_expert <= 12:
-        decode = [C(16, 32, 64, False, 4, 3, 4, **fast), C(16, 64, 64, False, 4, 3, 4, **fast),
-                  C(16, 64, 64, False, 4, 3, 4, pdl=True)]
+        out += [C(16, 32, 64, False, 4, 3, 4, **fast), C(16, 64, 64, False, 4, 3, 4, **fast),
+                C(16, 64, 64, False, 4, 3, 4, pdl=True), C(16, 64, 128, False, 4, 3, 4, **fast),
+                C(16, 64, 128, False, 4, 3, 4, pdl=True)]
         if per_expert <= 0.5:  # few active experts: split-K, 2 or 4 K parts per tile, in GEMM2 and GEMM1
-            decode += [C(16, 64, 64, False, 4, 3, u, split_k=s2, split_k1=s1, **fast)
-                       for s1, s2, u in ((1, 2, 4), (2, 4, 2), (2, 2, 4), (4, 4, 2))]
-        # each also with the scales loaded two chunks per 32-bit word (pipelined with the weights)
-        out += decode + [replace(c, scale_words=True) for c in (*out, *decode)]
+            out += [C(16, 64, 64, False, 4, 3, u, split_k=s2, split_k1=s1, **fast)
+                    for s1, s2, u in ((1, 2, 4), (2, 4, 2), (2, 2, 4), (4, 4, 2))]
     if 2 <= per_expert <= 64:
         out += [C(32, 64, 64, False, 4, 3, 2), C(64, 64, 64, False, 4, 3, 2), C(32, 128, 128, False, 8, 3, 2),
-                C(64, 128, 128, False, 8, 3, 2)]
+                C(64, 128, 128, False, 8, 3, 2), C(32, 64, 128, False, 4, 3, 2)]
         if fmt == "int4":
             out += [C(32, 64, 64, True, 4, 3, 2), C(64, 64, 64, True, 4, 3, 2)]
     if per_expert >= 16:
@@ -207,9 +209,7 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
                 C(32, 128, 64, False, 4, 3, 2)]
         if fmt == "int4":
             out += [C(128, 64, 64, True, 4, 3, 2), C(128, 128, 128, True, 8, 3, 2)]
-        # not yet measured at prefill: scale_words for the two usual winners
-        out += [C(128, 128, 128, False, 8, 3, 2, scale_words=True), C(32, 64, 64, False, 4, 3, 2, scale_words=True)]
-    out = list(dict.fromkeys(out))
+    out = list(dict.fromkeys(replace(c, scale_words=True) for c in out))
     return [c for c in out if invariant(c)] if batch_invariant else out
 
 
