@@ -48,3 +48,38 @@ def test_tune_kernels_writes_the_table_and_prepare_uses_it(tmp_path, monkeypatch
     prepared = b.prepare(spec, w)
     # one bucket rule: every M runs the nearest measured bucket, here the only one
     assert all(b.config_for(prepared, m) == winner for m in (1, 2, 3, 100, 4096))
+
+
+def test_the_interleaved_final_round_picks_the_winner(monkeypatch):
+    """The first pass ranks A < B < C; the interleaved round of the finalists says C is fastest:
+    C wins (a table from a single noisy pass would have kept A)."""
+    import qmoe.timing as timing
+    from qmoe.backends.triton import tune as ktune
+
+    a, b_, c = (KernelConfig(16, 32, 32, False, 2, 2, 2), KernelConfig(16, 32, 32, False, 4, 2, 2),
+                KernelConfig(32, 32, 32, False, 4, 2, 2))
+    first = {a: 10.0, b_: 11.0, c: 12.0}
+    monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4": [a, b_, c])
+    spec, backend = qmoe.MoESpec(4, 2, 64, 64), get_backend("triton")
+    seen = []
+
+    def fake_measure(fn, **kw):   # the first pass: the config of the call being timed is the last one run
+        fn()
+        return {"median_us": first.get(seen[-1], 50.0)}
+
+    def fake_many(fns, **kw):
+        for fn in fns.values():
+            fn()
+        final = {a: 9.0, b_: 8.0, c: 7.0}
+        return {n: {"median_us": final[cfg]} for n, cfg in zip(fns, seen[-len(fns):])}
+
+    real_forward = backend.forward
+    monkeypatch.setattr(backend, "forward", lambda *args, config=None, **kw: (seen.append(config),
+                                                                            real_forward(*args, config=config, **kw))[1])
+    monkeypatch.setattr(timing, "measure", fake_measure)
+    monkeypatch.setattr(timing, "measure_many", fake_many)
+    res = ktune.tune(backend, spec, "mxfp4", [3], DEVICE, write=False, reps=1)
+    bucket = res["buckets"][3]
+    assert bucket["config"] == c and bucket["us"] == 7.0
+    assert bucket["invariant_config"] == c
+    assert {KernelConfig(**t["config"]): t.get("final_us") for t in bucket["tried"]} == {a: 9.0, b_: 8.0, c: 7.0}
