@@ -171,6 +171,7 @@ def test_split_k_configs_are_not_invariant_and_refuse_bad_counts():
     assert invariant(KernelConfig(16, 64, 64, False))
     assert not invariant(KernelConfig(16, 64, 64, False, split_k1=2))
     assert not invariant(KernelConfig(16, 64, 64, False, split_k=4))
+    assert not invariant(KernelConfig(32, 128, 128, False, num_warps=8))   # warps can change the bits
     with pytest.raises(ValueError, match="split_k1"):
         KernelConfig(16, 64, 64, False, split_k1=3)
     with pytest.raises(ValueError, match="k_unroll must be even"):
