@@ -9,8 +9,9 @@ same bits; one that changes the K reduction, such as split-K, may not).
         [--variants "num_stages=4;block_n1=128,block_n2=128;scale_words=flip"]
 
 A variant is a comma-separated list of field=value (value an integer, true/false, or `flip` for a
-flag); variants are separated by `;`. A variant the configuration check refuses is reported as
-refused with the reason. Prints a short table last and writes config_ab.json to $OUT.
+flag); variants are separated by `;`. A variant the configuration checks refuse (KernelConfig's,
+and problem_with's for the weights' format and padded shape) is reported as refused with the
+reason. Prints a short table last and writes config_ab.json to $OUT.
 """
 
 from __future__ import annotations
@@ -84,21 +85,29 @@ def main():
             g = torch.Generator(device="cuda").manual_seed(m)
             x = torch.randn(m, spec.hidden_size, device="cuda", generator=g).to(torch.bfloat16)
             ids, w = qmoe.route(spec, torch.randn(m, spec.num_experts, device="cuda", generator=g))
+            kw = prep.meta["kernel_weights"]
             configs, refused = {"table": table}, {}
             for ch in changes:
                 try:
-                    configs[label(ch)] = apply(table, ch)
+                    c = apply(table, ch)
                 except ValueError as e:
                     refused[label(ch)] = str(e)
+                    continue
+                why = c.problem_with(fmt, kw.Hp, kw.Ip)
+                if why is None:
+                    configs[label(ch)] = c
+                else:
+                    refused[label(ch)] = why
             outs = {n: torch.full((m, spec.hidden_size), float("nan"), dtype=torch.bfloat16, device="cuda")
                     for n in configs}
-            fns = {n: (lambda n=n, c=c: b.forward(prep, x, ids, w, outs[n], config=c)) for n, c in configs.items()}
+            fns = {n: (lambda n=n, c=c, p=prep: b.forward(p, x, ids, w, outs[n], config=c)) for n, c in configs.items()}
             res = measure_many(fns, device="cuda", warmup=3, reps=args.reps)
             base = res["table"].get("median_us")
             for n, c in configs.items():
                 r = res[n]
+                ran = "median_us" in r and "median_us" in res["table"]
                 row = {"preset": name, "M": m, "variant": n, "config": asdict(c), "us": r.get("median_us"),
-                       "error": r.get("error"), "same_bits": bool(torch.equal(outs["table"], outs[n]))}
+                       "error": r.get("error"), "same_bits": bool(torch.equal(outs["table"], outs[n])) if ran else None}
                 if row["us"] and base:
                     row["ratio"] = row["us"] / base
                 rows.append(row)

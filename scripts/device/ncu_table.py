@@ -11,7 +11,8 @@ import re
 import sys
 
 FIELDS = [("us", r"Duration\s+us\s+([\d.,]+)"), ("Minst", r"Executed Instructions\s+inst\s+([\d,]+)"),
-          ("issue%", r"Issue Slots Busy\s+%\s+([\d.]+)"), ("cyc/iss", r"Warp Cycles Per Issued Instruction\s+cycle\s+([\d.]+)"),
+          ("issue%", r"Issue Slots Busy\s+%\s+([\d.]+)"),
+          ("cyc/iss", r"Warp Cycles Per Issued Instruction\s+cycle\s+([\d.]+)"),
           ("occ%", r"Achieved Occupancy\s+%\s+([\d.]+)"), ("regs", r"Registers Per Thread\s+\S+\s+(\d+)"),
           ("TB/s", r"Memory Throughput\s+Tbyte/s\s+([\d.]+)"), ("grid", r"Grid Size\s+\S*\s+([\d,]+)")]
 STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio\s+\S+\s+([\d.]+)")

@@ -75,7 +75,7 @@ step() {
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       # why warps wait: cycles stalled per issued instruction, by reason
       STALLS="long_scoreboard short_scoreboard barrier mio_throttle math_pipe_throttle wait not_selected selected
-        lg_throttle dispatch_stall no_instruction membar branch_resolving drain imc_miss tex_throttle sleeping misc" 
+        lg_throttle dispatch_stall no_instruction membar branch_resolving drain imc_miss tex_throttle sleeping misc"
       # ncu prints its report when the program ends: a run stopped by its timeout returns nothing.
       # 109 kernels x 18 replay passes did not end in 330 s (session 4), so only the GEMMs are
       # profiled (30 kernels for the defaults: about 2.5 s each, plus a minute of set-up).

@@ -50,28 +50,35 @@ def test_tune_kernels_writes_the_table_and_prepare_uses_it(tmp_path, monkeypatch
     assert all(b.config_for(prepared, m) == winner for m in (1, 2, 3, 100, 4096))
 
 
-def test_the_interleaved_final_round_picks_the_winner(monkeypatch):
-    """The first pass ranks A < B < C; the interleaved round of the finalists says C is fastest:
-    C wins (a table from a single noisy pass would have kept A)."""
+def test_the_interleaved_final_round_picks_the_winners(monkeypatch):
+    """The first pass ranks A < B < C < D (D the only batch-invariant one, so it joins the
+    finalists); the interleaved round, the default beside them, says C is fastest and B fails:
+    C and D win, with their final-round times, B is marked, and the default's time comes from
+    the same round."""
     import qmoe.timing as timing
     from qmoe.backends.triton import tune as ktune
 
-    a, b_, c = (KernelConfig(16, 32, 32, False, 2, 2, 2), KernelConfig(16, 32, 32, False, 4, 2, 2),
-                KernelConfig(32, 32, 32, False, 4, 2, 2))
-    first = {a: 10.0, b_: 11.0, c: 12.0}
-    monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4": [a, b_, c])
+    a, b_, c = (KernelConfig(16, 32, 32, False, 2, 2, 2, split_k=2), KernelConfig(16, 32, 32, False, 2, 2, 4,
+                                                                                 split_k=2),
+                KernelConfig(32, 32, 32, False, 2, 2, 2, split_k=2))
+    d = KernelConfig(16, 32, 32, False, 4, 2, 2)
+    base = configs.default_config(3, 2, 4)
+    first = {a: 10.0, b_: 11.0, c: 12.0, d: 13.0, base: 20.0}
+    final = {a: 9.0, c: 7.0, d: 8.5, base: 15.0}
+    monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4": [base, a, b_, c, d])
     spec, backend = qmoe.MoESpec(4, 2, 64, 64), get_backend("triton")
     seen = []
 
     def fake_measure(fn, **kw):   # the first pass: the config of the call being timed is the last one run
         fn()
-        return {"median_us": first.get(seen[-1], 50.0)}
+        return {"median_us": first[seen[-1]]}
 
     def fake_many(fns, **kw):
         for fn in fns.values():
             fn()
-        final = {a: 9.0, b_: 8.0, c: 7.0}
-        return {n: {"median_us": final[cfg]} for n, cfg in zip(fns, seen[-len(fns):])}
+        ran = seen[-len(fns):]
+        return {n: ({"median_us": final[cfg]} if cfg in final else {"error": "RuntimeError: no graph"})
+                for n, cfg in zip(fns, ran)}
 
     real_forward = backend.forward
     monkeypatch.setattr(backend, "forward", lambda *args, config=None, **kw: (seen.append(config),
@@ -80,6 +87,8 @@ def test_the_interleaved_final_round_picks_the_winner(monkeypatch):
     monkeypatch.setattr(timing, "measure_many", fake_many)
     res = ktune.tune(backend, spec, "mxfp4", [3], DEVICE, write=False, reps=1)
     bucket = res["buckets"][3]
-    assert bucket["config"] == c and bucket["us"] == 7.0
-    assert bucket["invariant_config"] == c
-    assert {KernelConfig(**t["config"]): t.get("final_us") for t in bucket["tried"]} == {a: 9.0, b_: 8.0, c: 7.0}
+    assert (bucket["config"], bucket["us"]) == (c, 7.0)
+    assert (bucket["invariant_config"], bucket["invariant_us"]) == (d, 8.5)
+    assert bucket["default_us"] == 15.0
+    got = {KernelConfig(**t["config"]): (t.get("final_us"), "final_error" in t) for t in bucket["tried"]}
+    assert got == {a: (9.0, False), b_: (None, True), c: (7.0, False), d: (8.5, False), base: (None, False)}

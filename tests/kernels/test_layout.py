@@ -5,7 +5,7 @@ import torch
 
 import qmoe
 from qmoe.kernels.layout import (E2M1_WORD_BITS, INT4_WORD_BITS, KT, NVFP4_CODE_BIAS, from_kernel_layout,
-                                 nvfp4_codes_exact, nvfp4_scale_codes, nvfp4_scales_of_codes, to_kernel_layout)
+                                 nvfp4_codes_problem, nvfp4_scale_codes, nvfp4_scales_of_codes, to_kernel_layout)
 from qmoe.kernels.moe import MoEKernelWeights
 
 SCALE_DTYPES = {"mxfp4": torch.uint8, "nvfp4": torch.float8_e4m3fn, "int4": torch.bfloat16}
@@ -82,8 +82,11 @@ def test_nvfp4_scale_codes_round_trip_and_give_the_decode_its_bf16():
     for bad in (0x7F, 0x80, 0xB8, 0xFF):   # NaN, -0, a negative scale, NaN
         with pytest.raises(ValueError, match="no code"):
             nvfp4_scale_codes(torch.tensor([0x38, bad], dtype=torch.uint8))
-    with pytest.raises(ValueError, match="not scales"):
-        nvfp4_scales_of_codes(torch.tensor([144], dtype=torch.uint8))
+    for bad in (2, 144, 255):   # 2..8 lie in the gaps between the subnormals' codes
+        with pytest.raises(ValueError, match="no scale's"):
+            nvfp4_scales_of_codes(torch.tensor([9, bad], dtype=torch.uint8))
+    stack = torch.randint(0, 0x7F, (3, 5, 7), dtype=torch.uint8)   # expert by expert, any shape
+    assert torch.equal(nvfp4_scales_of_codes(nvfp4_scale_codes(stack)), stack)
 
 
 def test_nvfp4_codes_only_where_exact():
@@ -91,20 +94,26 @@ def test_nvfp4_codes_only_where_exact():
     codes; otherwise the raw E4M3 bytes stay (fold off), and both round-trip."""
     E, I, H = 2, 64, 64
     w = qmoe.ExpertWeights.from_float(torch.randn(E, 2 * I, H), torch.randn(E, H, I), "nvfp4")
-    assert nvfp4_codes_exact(w.w13.data, w.w13.scales)
+    assert nvfp4_codes_problem(w.w13.data, w.w13.scales) is None
+    for byte in (0x80, 0x7F, 0xFF):   # -0, NaN, NaN
+        odd = w.w2.scales.clone()
+        odd.view(torch.uint8)[1, 2, 0] = byte
+        assert "negative, -0 or NaN" in nvfp4_codes_problem(w.w2.data, odd)
     zero_scale = w.w13.scales.clone()
     zero_scale.view(torch.uint8)[1, 3, 2] = 0          # a zero scale over non-zero codes
     neg = w.w2.scales.clone()
     neg.view(torch.uint8)[0, 5, 1] |= 0x80             # a negative scale
     zero_codes = w.w13.data.clone()
     zero_codes[1, 3, 16:24] &= 0x88                    # that group's codes made +-0
-    assert not nvfp4_codes_exact(w.w13.data, zero_scale) and not nvfp4_codes_exact(w.w2.data, neg)
-    assert nvfp4_codes_exact(zero_codes, zero_scale)
+    assert "zero scale over non-zero codes" in nvfp4_codes_problem(w.w13.data, zero_scale)
+    assert "negative" in nvfp4_codes_problem(w.w2.data, neg)
+    assert nvfp4_codes_problem(zero_codes, zero_scale) is None
     for d13, s13, s2, folds in ((w.w13.data, w.w13.scales, w.w2.scales, (True, True)),
                                 (w.w13.data, zero_scale, neg, (False, False)),
                                 (zero_codes, zero_scale, w.w2.scales, (True, True))):
         kw = MoEKernelWeights.from_canonical("nvfp4", d13, s13, w.w2.data, s2, w.w13.global_scale, w.w2.global_scale)
         assert (kw.fold13, kw.fold2) == folds
+        assert len(kw.notes) == folds.count(False)   # each matrix on the longer decode says why
         back = kw.to_canonical(torch.float8_e4m3fn)
         assert torch.equal(back[0], d13) and torch.equal(back[2], w.w2.data)
         assert torch.equal(back[1].view(torch.uint8), s13.view(torch.uint8))

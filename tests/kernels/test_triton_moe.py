@@ -124,6 +124,16 @@ def test_scale_words_give_the_same_bits(fmt):
     assert torch.isfinite(outs[1]).all() and torch.equal(outs[0], outs[1])
 
 
+def _zero_groups(w):
+    """Three scale groups of w13 and of w2 (nvfp4) made zero: scale 0 over +-0 codes (0x0 / 0x8),
+    which the scale codes read as a finite scale (exact only because the codes are +-0)."""
+    for m in (w.w13, w.w2):
+        for e, n, g in ((0, 1, 0), (1, 3, 1), (w.num_experts - 1, 0, 2)):
+            m.scales.view(torch.uint8)[e, n, g] = 0
+            m.data[e, n, 8 * g:8 * g + 8] = torch.tensor([0x00, 0x88, 0x08, 0x80] * 2, dtype=torch.uint8)
+    return w
+
+
 def _raw_nvfp4_twin(kw):
     """The same nvfp4 kernel weights with raw E4M3 scales (the long decode, fold off)."""
     from qmoe.kernels.layout import nvfp4_scales_of_codes
@@ -138,7 +148,9 @@ def test_nvfp4_scale_codes_give_the_raw_scales_bits():
     from qmoe.kernels.moe import fused_moe
 
     spec, w = make(4, 2, 96, 160, "nvfp4", seed=6)
+    w = _zero_groups(w)
     kw = get_backend("triton").prepare(spec, w).meta["kernel_weights"]
+    assert int((kw.s13 == 0).sum()) > 0 and not kw.notes   # zero scales, still on codes
     x, ids, tw = inputs(spec, 5, seed=2)
     cfg = KernelConfig(16, 32, 32, False, k_unroll=2, scale_words=True)
     outs = []
@@ -263,11 +275,12 @@ def test_split_k_and_scale_words_capture_and_replay_on_gpu(fmt):
 @pytest.mark.gpu
 def test_nvfp4_scale_codes_give_the_raw_scales_bits_on_gpu():
     """The GPU decode of scale codes (one integer instruction) against the raw E4M3 bytes' (about
-    ten), qwen3-30b-a3b at decode and prefill sizes: the same bits."""
+    ten), qwen3-30b-a3b at decode and prefill sizes, a few zero-scale groups included: the same
+    bits."""
     from qmoe.kernels.moe import fused_moe
 
     spec = qmoe.presets["qwen3-30b-a3b"]
-    w = random_weights(spec, "nvfp4", "cuda", seed=4)
+    w = _zero_groups(random_weights(spec, "nvfp4", "cuda", seed=4))
     b = get_backend("triton")
     prep = b.prepare(spec, w)
     kw = prep.meta["kernel_weights"]

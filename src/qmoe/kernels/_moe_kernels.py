@@ -98,10 +98,9 @@ def _e2m1_to_f32(c):
 @triton.jit
 def _scale_to_f32(s, FMT: tl.constexpr, FOLD: tl.constexpr):
     """Raw scale bytes (uint32 of uint8 / int16 bits) -> fp32 scale; nvfp4 with FOLD: scale codes
-    (layout.nvfp4_scale_codes, 0 = a zero scale)."""
-    if FMT == 1 and FOLD:
-        v = ((s * 16 + _NVFP4_CODE_BIAS) << 16).to(tl.float32, bitcast=True) * _TWO_POW_M118
-        return tl.where(s == 0, 0.0, v)
+    (layout.nvfp4_scale_codes)."""
+    if FMT == 1 and FOLD:   # code 0 reads as a finite scale, as on the GPU (its codes are +-0)
+        return ((s * 16 + _NVFP4_CODE_BIAS) << 16).to(tl.float32, bitcast=True) * _TWO_POW_M118
     elif FMT == 0:  # E8M0: 2^(s-127); 0 -> 2^-127 (subnormal), 255 -> NaN
         bits = (s << 23) | tl.where((s == 0) | (s == 255), 0x400000, 0)
         return bits.to(tl.float32, bitcast=True)

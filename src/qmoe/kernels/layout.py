@@ -25,7 +25,7 @@ Kernel layout ("split-nibble K tiles"), per matrix [E, N, K]:
 
 - nvfp4 scales may be stored as codes instead (`nvfp4_scale_codes`): one byte that becomes the
   bf16 the GPU decode multiplies by (E4M3 x 2^118) in one integer instruction, where the raw
-  E4M3 bits need about ten. MoEKernelWeights decides per matrix (`nvfp4_codes_exact`).
+  E4M3 bits need about ten. MoEKernelWeights decides per matrix (`nvfp4_codes_problem`).
 
 `to_kernel_layout` and `from_kernel_layout` are inverses, and so are `nvfp4_scale_codes` and
 `nvfp4_scales_of_codes` (tests round-trip them).
@@ -165,11 +165,14 @@ def from_kernel_layout(data: torch.Tensor, scales: torch.Tensor, n: int, k: int,
 
 
 NVFP4_CODE_BIAS = 0x75F0
-"""nvfp4 scale codes: bf16 bits = code * 16 + NVFP4_CODE_BIAS is the E4M3 scale x 2^118, exact,
-for codes 1..143 (every positive finite E4M3 value: the subnormals 2^-9 .. 1.75 x 2^-7 too, since
-their 3 significant bits fit bf16's mantissa). Code 0 is a zero scale; the decode reads it as
-1.875 x 2^108, which is exact only because a zero scale's codes must all be +-0 for the codes to
-be used (`nvfp4_codes_exact`)."""
+"""nvfp4 scale codes: bf16 bits = code * 16 + NVFP4_CODE_BIAS is the E4M3 scale x 2^118, exact.
+The 126 positive finite E4M3 values (the subnormals 2^-9 .. 1.75 x 2^-7 too: their 3 significant
+bits fit bf16's mantissa) get codes between 1 and NVFP4_CODE_MAX = 143, with gaps (the subnormals
+are sparse in bf16's exponents: codes 2..8, for one, are no scale's). Code 0 is a zero scale; the
+GPU decode reads it as 1.875 x 2^108, which is exact only because codes are used only where a
+zero scale's group holds nothing but +-0 codes (`nvfp4_codes_problem`)."""
+
+NVFP4_CODE_MAX = 143
 
 
 def _e4m3_code_table(device) -> torch.Tensor:
@@ -181,43 +184,51 @@ def _e4m3_code_table(device) -> torch.Tensor:
     return torch.where(ok, code, -1).to(torch.int16)
 
 
+def _lookup(x: torch.Tensor, table: torch.Tensor, what: str) -> torch.Tensor:
+    """table[x] as uint8, for uint8 x of any shape and an int16 table [256] with -1 for "none":
+    one slice of the first dimension (an expert's scales) at a time, so a large stack's int64
+    indices are never all alive at once. ValueError(what) where the table has none."""
+    rows = x.reshape(x.shape[0] if x.dim() > 1 else 1, -1)
+    out = torch.empty(rows.shape, dtype=torch.uint8, device=x.device)
+    for i in range(rows.shape[0]):
+        got = table[rows[i].long()]
+        if bool((got < 0).any()):
+            raise ValueError(what)
+        out[i] = got.to(torch.uint8)
+    return out.view(x.shape)
+
+
 def nvfp4_scale_codes(raw: torch.Tensor) -> torch.Tensor:
-    """E4M3 scale bytes (uint8, any shape; sign bit clear, not NaN) -> codes (uint8, same shape):
-    0 for a zero scale, else (bf16 bits of scale x 2^118 - NVFP4_CODE_BIAS) / 16 in 1..143.
-    ValueError for a negative or NaN scale (`nvfp4_codes_exact` says beforehand)."""
-    code = _e4m3_code_table(raw.device)[raw.long()]
-    if bool((code < 0).any()):
-        raise ValueError("nvfp4 scale codes: negative or NaN E4M3 scales have no code")
-    return code.to(torch.uint8)
+    """E4M3 scale bytes (uint8, any shape; sign bit clear, not NaN) -> codes (uint8, the same
+    shape): 0 for a zero scale, else (bf16 bits of scale x 2^118 - NVFP4_CODE_BIAS) / 16.
+    ValueError for a negative or NaN scale (`nvfp4_codes_problem` says so beforehand)."""
+    return _lookup(raw, _e4m3_code_table(raw.device), "nvfp4 scale codes: negative or NaN E4M3 scales have no code")
 
 
 def nvfp4_scales_of_codes(code: torch.Tensor) -> torch.Tensor:
-    """Inverse of `nvfp4_scale_codes`: codes (uint8) -> E4M3 scale bytes (uint8)."""
+    """Inverse of `nvfp4_scale_codes`: codes (uint8, any shape) -> E4M3 scale bytes (uint8, the
+    same shape). ValueError for a code that is no scale's."""
     table = _e4m3_code_table(code.device)
-    inverse = torch.zeros(256, dtype=torch.uint8, device=code.device)
+    inverse = torch.full((256,), -1, dtype=torch.int16, device=code.device)
     has = table >= 0
-    inverse[table[has].long()] = torch.arange(256, device=code.device)[has].to(torch.uint8)
-    if bool((code > 143).any()):
-        raise ValueError("nvfp4 scale codes: codes above 143 are not scales")
-    return inverse[code.long()]
+    inverse[table[has].long()] = torch.arange(256, dtype=torch.int16, device=code.device)[has]
+    return _lookup(code, inverse, "nvfp4 scale codes: a code that is no scale's")
 
 
-def nvfp4_codes_exact(data: torch.Tensor, scales: torch.Tensor, block: int = 16) -> bool:
-    """Whether one matrix stack's nvfp4 scales can be stored as codes with the GPU decode exact:
-    every scale non-negative and finite, and every group with a zero scale holding only +-0
-    codes (its values are 0 whatever the scale is read as).
+def nvfp4_codes_problem(data: torch.Tensor, scales: torch.Tensor, block: int = 16) -> str | None:
+    """Why one matrix stack's nvfp4 scales cannot be stored as codes with the GPU decode exact, or
+    None: every scale must be non-negative and finite, and every group with a zero scale must hold
+    only +-0 codes (its values are 0 whatever the scale is read as).
 
     data: [E, N, K/2] uint8 canonical packing; scales: [E, N, K/block] float8_e4m3fn (or raw
     uint8). One expert at a time, so the temporaries are one expert's bytes."""
     raw = _raw_scales(scales)
-    if raw.numel() == 0:
-        return True
-    if bool((raw >= 0x7F).any()):   # sign bit set (0x80..) or NaN (0x7F, 0xFF)
-        return False
-    for e in range(data.shape[0]):
+    for e in range(raw.shape[0]):
+        if bool((raw[e] >= 0x7F).any()):   # sign bit set (0x80.., -0 included) or NaN (0x7F, 0xFF)
+            return f"expert {e} has a negative, -0 or NaN E4M3 scale"
         zero = raw[e] == 0
         if bool(zero.any()):
             nonzero = ((data[e].view(*zero.shape, block // 2) & 0x77) != 0).any(-1)  # a magnitude bit set
             if bool((zero & nonzero).any()):
-                return False
-    return True
+                return f"expert {e} has a zero scale over non-zero codes"
+    return None

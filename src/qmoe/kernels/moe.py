@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import _moe_kernels as K
 from . import interpreted
-from .layout import (E2M1_WORD_BITS, INT4_WORD_BITS, from_kernel_layout, nvfp4_codes_exact, nvfp4_scale_codes,
+from .layout import (E2M1_WORD_BITS, INT4_WORD_BITS, from_kernel_layout, nvfp4_codes_problem, nvfp4_scale_codes,
                      nvfp4_scales_of_codes, round_up, to_kernel_layout)
 
 FORMAT_CODES = {"mxfp4": K.FMT_MXFP4, "nvfp4": K.FMT_NVFP4, "int4": K.FMT_INT4}
@@ -114,8 +114,9 @@ class MoEKernelWeights:
     b13: [E, 2Ip] fp32 or None; b2: [E, Hp] fp32 or None. H, I: logical sizes.
     fold13 / fold2: the matrix's scales take the short decode: mxfp4, one multiply per pair
     (MXFP4_FOLD_MAX); nvfp4, the scales are stored as codes (layout.nvfp4_scale_codes: one integer
-    instruction each instead of about ten; exact when layout.nvfp4_codes_exact); always True for
-    int4. counters: filled by `split_counters`, not by callers.
+    instruction each instead of about ten; used where layout.nvfp4_codes_problem finds none);
+    always True for int4. notes: why a matrix takes the longer decode (empty when neither does).
+    counters: filled by `split_counters`, not by callers.
     """
 
     fmt: str
@@ -131,6 +132,7 @@ class MoEKernelWeights:
     b2: torch.Tensor | None = None
     fold13: bool = True
     fold2: bool = True
+    notes: list = field(default_factory=list)
     counters: list = field(default_factory=list, repr=False)
     """GEMM1's split-K counters for calls on these weights (`split_counters`)."""
 
@@ -177,13 +179,19 @@ class MoEKernelWeights:
             pb2 = torch.zeros(E, Hp, dtype=torch.float32, device=b2.device)
             pb2[:, :H] = b2
         f32 = (lambda t: None if t is None else t.float().contiguous())
+        notes = []
         if fmt == "nvfp4":   # scales as codes where that is exact (kernels/layout.py)
-            fold13, fold2 = nvfp4_codes_exact(w13_data, w13_scales), nvfp4_codes_exact(w2_data, w2_scales)
+            why13, why2 = nvfp4_codes_problem(w13_data, w13_scales), nvfp4_codes_problem(w2_data, w2_scales)
+            fold13, fold2 = why13 is None, why2 is None
             s13 = nvfp4_scale_codes(s13) if fold13 else s13
             s2 = nvfp4_scale_codes(s2) if fold2 else s2
+            notes = [f"{name}: raw E4M3 scales (the longer decode): {why}"
+                     for name, why in (("w13", why13), ("w2", why2)) if why is not None]
         else:
             fold13, fold2 = (fmt != "mxfp4" or sc.numel() == 0 or int(sc.max()) <= MXFP4_FOLD_MAX for sc in (s13, s2))
-        return cls(fmt, H, I, w13, s13, w2, s2, f32(w13_global), f32(w2_global), pb13, pb2, fold13, fold2)
+            notes = [f"{name}: E8M0 scales above 2 (byte {int(sc.max())} > {MXFP4_FOLD_MAX}): two multiplies per pair"
+                     for name, sc, fold in (("w13", s13, fold13), ("w2", s2, fold2)) if not fold]
+        return cls(fmt, H, I, w13, s13, w2, s2, f32(w13_global), f32(w2_global), pb13, pb2, fold13, fold2, notes)
 
     def to_canonical(self, scale_dtype: torch.dtype):
         """Inverse of `from_canonical`: (w13_data, w13_scales, w2_data, w2_scales, b13, b2)."""

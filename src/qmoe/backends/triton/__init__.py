@@ -81,7 +81,7 @@ class TritonBackend(Backend):
         tensors = {n: getattr(kw, n) for n in ("w13", "s13", "w2", "s2", "gs13", "gs2", "b13", "b2")
                    if getattr(kw, n) is not None}
         return Prepared(self.name, spec, weights.format, weights.device, tensors,
-                        meta={"kernel_weights": kw, "gpu": gpu, "configs": configs, "config_notes": notes,
+                        meta={"kernel_weights": kw, "gpu": gpu, "configs": configs, "config_notes": notes + kw.notes,
                               "runners": {}, "batch_invariant": self.batch_invariant})
 
     def config_for(self, prepared: Prepared, m: int):

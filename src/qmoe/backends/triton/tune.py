@@ -24,16 +24,18 @@ def tune(backend, spec, fmt: str, ms, device, progress=None, weights=None, reps:
     Each candidate's output is compared with the default configuration's (relative difference
     <= 1e-2, every element written) before it may win. The FINALISTS fastest of that first pass
     (and the fastest batch-invariant one) are then timed again against each other, interleaved
-    (qmoe.timing.measure_many), and the winners come from that round: the first pass times each
+    (qmoe.timing.measure_many) with the default configuration beside them, and the winners come from
+    that round (a finalist that fails in it is left out): the first pass times each
     candidate alone, and decode candidates within a few percent of each other change places with
     the clock from one pass to the next.
     Two winners per M are kept: the fastest configuration, and the fastest of the batch-invariant
     family (configs.invariant); both go into the user's table (the latter in the batch-invariant
     entry), so either mode of the backend runs its own best.
     Returns {"gpu", "problem", "buckets": {m: {"config", "us", "default_us", "invariant_config",
-    "invariant_us", "tried"}}, "path"}; "us" and "invariant_us" are the winners' times in the
-    final round, "tried" holds every candidate's first-pass time ("us") and, for the finalists,
-    its final-round time ("final_us").
+    "invariant_us", "tried"}}, "path"}; "us", "invariant_us" and "default_us" are times in the
+    final round (the first pass's where no finalist of the kind ran in it); "tried" holds every
+    candidate's first-pass time ("us") or why it was rejected ("rejected") and, for the
+    finalists, their final-round time ("final_us") or why they failed there ("final_error").
     """
     from ...kernels.moe import MoEKernelWeights  # noqa: F401  (fails early without triton)
     from ...routing import route
@@ -86,11 +88,10 @@ def tune(backend, spec, fmt: str, ms, device, progress=None, weights=None, reps:
             done += 1
             if progress:
                 progress(done, total, f"M={m} bm{cfg.block_m} n{cfg.block_n1}/{cfg.block_n2}")
-        default_us = measure(lambda: backend.forward(prep, x, ids, w, base, config=base_cfg),
-                             device=device, warmup=warmup, reps=reps)["median_us"]
-        if best is not None:
-            best, best_inv = _final_round(backend, prep, x, ids, w, tried, best, best_inv, device, warmup, reps,
-                                          measure_many)
+        if best is not None:   # the finalists again, interleaved, with the default beside them
+            final, final_inv, default_us = _final_round(backend, prep, x, ids, w, tried, base_cfg, device, warmup,
+                                                        reps, measure_many)
+            best, best_inv = final or best, final_inv or best_inv
             result["buckets"][m] = {"config": best[0], "us": best[1], "default_us": default_us, "tried": tried,
                                     "invariant_config": best_inv[0] if best_inv else None,
                                     "invariant_us": best_inv[1] if best_inv else None}
@@ -106,11 +107,12 @@ FINALISTS = 3
 """The fastest candidates of the first pass that are timed again, interleaved, per M."""
 
 
-def _final_round(backend, prep, x, ids, w, tried, best, best_inv, device, warmup, reps, measure_many):
-    """Re-time the first pass's FINALISTS fastest candidates and its fastest batch-invariant one
-    against each other, interleaved; returns (best, best_inv) as (config, us) from that round
-    (the first pass's choice where a finalist failed in it). Each entry of `tried` that ran
-    again gets its interleaved time as "final_us"."""
+def _final_round(backend, prep, x, ids, w, tried, base_cfg, device, warmup, reps, measure_many):
+    """Re-time the first pass's FINALISTS fastest candidates, its fastest batch-invariant one and
+    the default configuration against each other, interleaved. Returns (best, best_inv,
+    default_us): (config, us) of the fastest and of the fastest invariant finalist in that round
+    (None where none ran), and the default's time in it. Each finalist's entry of `tried` gets its
+    time in the round as "final_us", or why it failed there as "final_error"."""
     from ...kernels.moe import KernelConfig
 
     timed = sorted((t for t in tried if "us" in t), key=lambda t: t["us"])
@@ -118,24 +120,21 @@ def _final_round(backend, prep, x, ids, w, tried, best, best_inv, device, warmup
     inv = [t for t in timed if _configs.invariant(KernelConfig(**t["config"]))]
     if inv and inv[0] not in finalists:
         finalists.append(inv[0])
-    if len(finalists) < 2:
-        return best, best_inv
-    outs = [torch.empty(x.shape[0], x.shape[1], dtype=torch.bfloat16, device=device) for _ in finalists]
-    fns = {i: (lambda i=i, c=KernelConfig(**t["config"]): backend.forward(prep, x, ids, w, outs[i], config=c))
-           for i, t in enumerate(finalists)}
+    configs = [KernelConfig(**t["config"]) for t in finalists]
+    runs = configs + ([] if base_cfg in configs else [base_cfg])
+    outs = [torch.empty(x.shape[0], x.shape[1], dtype=torch.bfloat16, device=device) for _ in runs]
+    fns = {i: (lambda i=i, c=c: backend.forward(prep, x, ids, w, outs[i], config=c)) for i, c in enumerate(runs)}
     res = measure_many(fns, device=device, warmup=warmup, reps=reps)
     for i, t in enumerate(finalists):
         if "median_us" in res[i]:
             t["final_us"] = res[i]["median_us"]
-    if any("final_us" not in t for t in finalists):  # do not judge on part of the field
-        return best, best_inv
-    pick = min(finalists, key=lambda t: t["final_us"])
-    best = (KernelConfig(**pick["config"]), pick["final_us"])
-    ran_inv = [t for t in finalists if _configs.invariant(KernelConfig(**t["config"]))]
-    if ran_inv:
-        pick = min(ran_inv, key=lambda t: t["final_us"])
-        best_inv = (KernelConfig(**pick["config"]), pick["final_us"])
-    return best, best_inv
+        else:
+            t["final_error"] = res[i].get("error", "no time")
+    ran = [(c, t["final_us"]) for c, t in zip(configs, finalists) if "final_us" in t]
+    ran_inv = [(c, us) for c, us in ran if _configs.invariant(c)]
+    best = min(ran, key=lambda r: r[1]) if ran else None
+    best_inv = min(ran_inv, key=lambda r: r[1]) if ran_inv else None
+    return best, best_inv, res[runs.index(base_cfg)].get("median_us")
 
 
 __all__ = ["tune"]
