@@ -92,3 +92,28 @@ def test_the_interleaved_final_round_picks_the_winners(monkeypatch):
     assert bucket["default_us"] == 15.0
     got = {KernelConfig(**t["config"]): (t.get("final_us"), "final_error" in t) for t in bucket["tried"]}
     assert got == {a: (9.0, False), b_: (None, True), c: (7.0, False), d: (8.5, False), base: (None, False)}
+
+
+def test_candidates_fit_every_preset_and_the_shipped_table_is_usable():
+    """Every candidate the tuner would time fits the preset's padded shape and format (so none is
+    wasted on a refusal), loads scale words, and the batch-invariant lists hold only invariant
+    configurations; every entry of the shipped table passes the load-time check and its
+    batch-invariant entries are invariant."""
+    from qmoe.spec import PRESET_FORMATS
+
+    for name, fmt in PRESET_FORMATS.items():
+        spec = qmoe.presets[name]
+        Hp, Ip = configs.padded_sizes({"hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size})
+        for m in (1, 4, 16, 64, 256, 1024, 4096, 8192):
+            for inv in (False, True):
+                cands = configs.candidates(m, spec.top_k, spec.num_experts, fmt, inv)
+                assert cands and len(set(cands)) == len(cands), (name, m, inv)
+                for c in cands:
+                    assert c.problem_with(fmt, Hp, Ip) is None, (name, m, c)
+                    assert c.scale_words and (configs.invariant(c) or not inv), (name, m, c)
+    shipped = configs.USER_TABLE.read(configs.SHIPPED)["entries"]
+    assert shipped
+    for key, entry in shipped.items():
+        assert configs.validate_entry(entry) is None, key
+        if "|batch-invariant|" in key:
+            assert all(configs.invariant(configs.kernel_config(d)) for d in entry["buckets"].values()), key

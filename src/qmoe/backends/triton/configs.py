@@ -184,10 +184,10 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     """Launch configurations worth timing at m tokens (a handful per regime, so that tuning three
     presets fits in minutes): decode tiles of 16 rows with the grouping inside the GEMMs and
     programmatic dependent launch, and without (the default), with GEMM2 tiles of 64 or 128
-    columns; split-K (2 or 4 parts, GEMM1 and GEMM2) when almost every expert sees one token; 32-
-    and 64-row blocks in between; 128-row blocks for prefill (int4 also with the weight as the
-    MMA's first operand, which the E2M1 decode cannot do). All load the scales as 32-bit words
-    (`default_config`)."""
+    columns (nvfp4 also with 2 warps); split-K (2 or 4 parts, GEMM1 and GEMM2) when almost every
+    expert sees one token; 32- and 64-row blocks in between; 128-row blocks for prefill (int4 also
+    with the weight as the MMA's first operand, which the E2M1 decode cannot do). All load the
+    scales as 32-bit words (`default_config`)."""
     from ...kernels.moe import KernelConfig as C
 
     per_expert = m * top_k / num_experts
@@ -197,6 +197,8 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
         out += [C(16, 32, 64, False, 4, 3, 4, **fast), C(16, 64, 64, False, 4, 3, 4, **fast),
                 C(16, 64, 64, False, 4, 3, 4, pdl=True), C(16, 64, 128, False, 4, 3, 4, **fast),
                 C(16, 64, 128, False, 4, 3, 4, pdl=True)]
+        if fmt == "nvfp4":  # 2 warps: 3-4% faster for qwen3-30b-a3b at M = 16 and 64, slower elsewhere (session 6)
+            out += [C(16, 64, 128, False, 2, 3, 4, **fast), C(16, 64, 128, False, 2, 3, 4, pdl=True)]
         if per_expert <= 0.5:  # few active experts: split-K, 2 or 4 K parts per tile, in GEMM2 and GEMM1
             out += [C(16, 64, 64, False, 4, 3, u, split_k=s2, split_k1=s1, **fast)
                     for s1, s2, u in ((1, 2, 4), (2, 4, 2), (2, 2, 4), (4, 4, 2))]
