@@ -96,11 +96,17 @@ def _e2m1_to_f32(c):
 
 
 @triton.jit
+def _nvfp4_code_bits(s):
+    """nvfp4 scale codes (uint32) -> the bf16 bits of scale x 2^118 (layout.NVFP4_CODE_BIAS)."""
+    return s * 16 + _NVFP4_CODE_BIAS
+
+
+@triton.jit
 def _scale_to_f32(s, FMT: tl.constexpr, FOLD: tl.constexpr):
     """Raw scale bytes (uint32 of uint8 / int16 bits) -> fp32 scale; nvfp4 with FOLD: scale codes
     (layout.nvfp4_scale_codes)."""
     if FMT == 1 and FOLD:   # code 0 reads as a finite scale, as on the GPU (its codes are +-0)
-        return ((s * 16 + _NVFP4_CODE_BIAS) << 16).to(tl.float32, bitcast=True) * _TWO_POW_M118
+        return (_nvfp4_code_bits(s) << 16).to(tl.float32, bitcast=True) * _TWO_POW_M118
     elif FMT == 0:  # E8M0: 2^(s-127); 0 -> 2^-127 (subnormal), 255 -> NaN
         bits = (s << 23) | tl.where((s == 0) | (s == 255), 0x400000, 0)
         return bits.to(tl.float32, bitcast=True)
@@ -126,7 +132,7 @@ def _scale_for_asm(s, FMT: tl.constexpr, FOLD: tl.constexpr):
         return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
     elif FMT == 1:
         if FOLD:   # a scale code: the bf16 bits in one integer instruction
-            return (s * 16 + _NVFP4_CODE_BIAS).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            return _nvfp4_code_bits(s).to(tl.int16).to(tl.bfloat16, bitcast=True)
         return (_scale_to_f32(s, 1, False) * _TWO_POW_118).to(tl.bfloat16)
     else:
         return s.to(tl.int16).to(tl.bfloat16, bitcast=True)

@@ -167,12 +167,10 @@ def from_kernel_layout(data: torch.Tensor, scales: torch.Tensor, n: int, k: int,
 NVFP4_CODE_BIAS = 0x75F0
 """nvfp4 scale codes: bf16 bits = code * 16 + NVFP4_CODE_BIAS is the E4M3 scale x 2^118, exact.
 The 126 positive finite E4M3 values (the subnormals 2^-9 .. 1.75 x 2^-7 too: their 3 significant
-bits fit bf16's mantissa) get codes between 1 and NVFP4_CODE_MAX = 143, with gaps (the subnormals
+bits fit bf16's mantissa) get codes between 1 and 143, with gaps (the subnormals
 are sparse in bf16's exponents: codes 2..8, for one, are no scale's). Code 0 is a zero scale; the
 GPU decode reads it as 1.875 x 2^108, which is exact only because codes are used only where a
 zero scale's group holds nothing but +-0 codes (`nvfp4_codes_problem`)."""
-
-NVFP4_CODE_MAX = 143
 
 
 def _e4m3_code_table(device) -> torch.Tensor:

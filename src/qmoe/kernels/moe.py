@@ -179,7 +179,6 @@ class MoEKernelWeights:
             pb2 = torch.zeros(E, Hp, dtype=torch.float32, device=b2.device)
             pb2[:, :H] = b2
         f32 = (lambda t: None if t is None else t.float().contiguous())
-        notes = []
         if fmt == "nvfp4":   # scales as codes where that is exact (kernels/layout.py)
             why13, why2 = nvfp4_codes_problem(w13_data, w13_scales), nvfp4_codes_problem(w2_data, w2_scales)
             fold13, fold2 = why13 is None, why2 is None
@@ -187,10 +186,11 @@ class MoEKernelWeights:
             s2 = nvfp4_scale_codes(s2) if fold2 else s2
             notes = [f"{name}: raw E4M3 scales (the longer decode): {why}"
                      for name, why in (("w13", why13), ("w2", why2)) if why is not None]
-        else:
-            fold13, fold2 = (fmt != "mxfp4" or sc.numel() == 0 or int(sc.max()) <= MXFP4_FOLD_MAX for sc in (s13, s2))
-            notes = [f"{name}: E8M0 scales above 2 (byte {int(sc.max())} > {MXFP4_FOLD_MAX}): two multiplies per pair"
-                     for name, sc, fold in (("w13", s13, fold13), ("w2", s2, fold2)) if not fold]
+        else:   # mxfp4: the largest E8M0 byte of each matrix decides (int4 always folds)
+            top13, top2 = (int(sc.max()) if fmt == "mxfp4" and sc.numel() else 0 for sc in (s13, s2))
+            fold13, fold2 = top13 <= MXFP4_FOLD_MAX, top2 <= MXFP4_FOLD_MAX
+            notes = [f"{name}: E8M0 scales above 2 (byte {top} > {MXFP4_FOLD_MAX}): two multiplies per pair"
+                     for name, top in (("w13", top13), ("w2", top2)) if top > MXFP4_FOLD_MAX]
         return cls(fmt, H, I, w13, s13, w2, s2, f32(w13_global), f32(w2_global), pb13, pb2, fold13, fold2, notes)
 
     def to_canonical(self, scale_dtype: torch.dtype):

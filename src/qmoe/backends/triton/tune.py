@@ -39,7 +39,7 @@ def tune(backend, spec, fmt: str, ms, device, progress=None, weights=None, reps:
     """
     from ...kernels.moe import MoEKernelWeights  # noqa: F401  (fails early without triton)
     from ...routing import route
-    from ...timing import measure, measure_many
+    from ...timing import measure
 
     device = torch.device(device)
     if write:
@@ -90,7 +90,7 @@ def tune(backend, spec, fmt: str, ms, device, progress=None, weights=None, reps:
                 progress(done, total, f"M={m} bm{cfg.block_m} n{cfg.block_n1}/{cfg.block_n2}")
         if best is not None:   # the finalists again, interleaved, with the default beside them
             final, final_inv, default_us = _final_round(backend, prep, x, ids, w, tried, base_cfg, device, warmup,
-                                                        reps, measure_many)
+                                                        reps)
             best, best_inv = final or best, final_inv or best_inv
             result["buckets"][m] = {"config": best[0], "us": best[1], "default_us": default_us, "tried": tried,
                                     "invariant_config": best_inv[0] if best_inv else None,
@@ -107,13 +107,14 @@ FINALISTS = 3
 """The fastest candidates of the first pass that are timed again, interleaved, per M."""
 
 
-def _final_round(backend, prep, x, ids, w, tried, base_cfg, device, warmup, reps, measure_many):
+def _final_round(backend, prep, x, ids, w, tried, base_cfg, device, warmup, reps):
     """Re-time the first pass's FINALISTS fastest candidates, its fastest batch-invariant one and
     the default configuration against each other, interleaved. Returns (best, best_inv,
     default_us): (config, us) of the fastest and of the fastest invariant finalist in that round
     (None where none ran), and the default's time in it. Each finalist's entry of `tried` gets its
     time in the round as "final_us", or why it failed there as "final_error"."""
     from ...kernels.moe import KernelConfig
+    from ...timing import measure_many
 
     timed = sorted((t for t in tried if "us" in t), key=lambda t: t["us"])
     finalists = timed[:FINALISTS]
