@@ -34,30 +34,28 @@ def test_round_trip_with_word_bits(fmt, word_bits):
 
 
 def test_word_bits_give_the_values_the_gpu_decode_extracts():
-    """The rotations and masks of the GPU decode (kernels/_moe_kernels.py) applied to
-    arranged words give each pair of E2M1 codes where bf16 wants it (sign at bit 15,
-    magnitude at bits 6..8 of each 16-bit lane); int4 bytes hold their two codes as nibbles."""
-    codes = torch.randint(0, 16, (3, 64), dtype=torch.uint8)  # one mxfp4 chunk per row
+    """The rotations and masks of the GPU decode (kernels/_moe_kernels.py) applied to arranged
+    words give pair t (word q: elements 2q, 2q + 1 of the quad's half t) where bf16 wants it
+    (sign at bit 15, magnitude at bits 6..8 of each 16-bit lane); int4's prmt and nibble shifts
+    give the same pairs."""
+    codes = torch.randint(0, 16, (3, 128), dtype=torch.uint8)  # one mxfp4 / int4 quad per row
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    lo, hi = codes[:, :32].long(), codes[:, 32:].long()
+    half = codes.long().view(3, 4, 16, 2)                      # [row, half t, word q, element of the pair]
     for word_bits in (E2M1_WORD_BITS, INT4_WORD_BITS):
-        d, _ = to_kernel_layout(packed[None], torch.zeros(1, 3, 2, dtype=torch.uint8), 32, word_bits=word_bits)
-        b = d[0, :3, :32].long()
+        d, _ = to_kernel_layout(packed[None], torch.zeros(1, 3, 4, dtype=torch.uint8), 32, word_bits=word_bits)
+        b = d[0, :3, :64].long().view(3, 16, 4)
+        w = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
         if word_bits is E2M1_WORD_BITS:
-            w = b.view(3, 8, 4)
-            w = w[..., 0] | (w[..., 1] << 8) | (w[..., 2] << 16) | (w[..., 3] << 24)
             rotl = (lambda v, r: ((v << r) | (v >> (32 - r))) & 0xFFFFFFFF)
             pairs = [w & 0x81C081C0, rotl(w, 4) & 0x81C081C0, rotl(w, 10) & 0x81C081C0,
                      (rotl(w, 6) & 0x80C080C0) | (rotl(w, 14) & 0x01000100)]
             bf16 = lambda c: ((c & 8) << 12) | ((c & 7) << 6)
-            lo4, hi4 = lo.view(3, 8, 4), hi.view(3, 8, 4)
-            want = [bf16(lo4[..., 0]) | bf16(lo4[..., 1]) << 16, bf16(lo4[..., 2]) | bf16(lo4[..., 3]) << 16,
-                    bf16(hi4[..., 0]) | bf16(hi4[..., 1]) << 16, bf16(hi4[..., 2]) | bf16(hi4[..., 3]) << 16]
-            for got, exp in zip(pairs, want):
-                assert torch.equal(got, exp)
         else:
-            x = b * 0x101  # prmt: each byte into a 16-bit lane
-            assert torch.equal(x & 0xF, lo) and torch.equal((x >> 4) & 0xF, hi)
+            t0, t1 = (w & 0xFF) | ((w >> 8) & 0xFF) << 16, ((w >> 16) & 0xFF) | (w >> 24) << 16   # prmt
+            pairs = [t0 & 0x000F000F, t1 & 0x000F000F, (t0 >> 4) & 0x000F000F, (t1 >> 4) & 0x000F000F]
+            bf16 = lambda c: c
+        for t, got in enumerate(pairs):
+            assert torch.equal(got, bf16(half[:, t, :, 0]) | bf16(half[:, t, :, 1]) << 16)
 
 
 def test_fold_flag_follows_the_largest_mxfp4_scale():
@@ -121,19 +119,24 @@ def test_nvfp4_codes_only_where_exact():
 
 
 def test_nibble_placement_and_padding():
-    """mxfp4 (G = 32): byte j of a 64-wide chunk holds element j (low nibble) and 32 + j (high)."""
+    """mxfp4 (G = 32, quads of 128 elements in 64 bytes): element 32t + p of a quad sits in word
+    p // 2, byte 2 (t % 2) + p % 2, the low nibble for halves 0 and 1, the high for 2 and 3."""
     codes = torch.randint(0, 16, (1, 3, 200), dtype=torch.uint8)
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
     scales = torch.randint(0, 255, (1, 3, 200 // 32 + 1), dtype=torch.uint8)[..., : 200 // 32]
     d, s = to_kernel_layout(packed, scales.contiguous(), 32)
     assert d.shape == (1, 128, 128) and s.shape == (1, 128, 8)
-    for j in (0, 5, 31):
-        assert int(d[0, 1, j] & 0xF) == int(codes[0, 1, j])
-        assert int(d[0, 1, j] >> 4) == int(codes[0, 1, 32 + j])
-        if 192 + j < 200:
-            assert int(d[0, 2, 96 + j] & 0xF) == int(codes[0, 2, 192 + j])
-    # elements 200..255 (chunk 3: bytes 96..127) are zero codes past 199; rows 3..127 zero
-    assert int(d[0, 0, 96 + 8] & 0xF) == 0 and int(d[0, 0, 96 + 8] >> 4) == 0
+
+    def code_at(row, k):
+        quad, t, p = k // 128, k % 128 // 32, k % 32
+        byte = int(d[0, row, 64 * quad + 4 * (p // 2) + 2 * (t % 2) + p % 2])
+        return byte >> 4 if t >= 2 else byte & 0xF
+
+    for row in range(3):
+        for k in (0, 1, 5, 31, 32, 63, 64, 97, 127, 128, 150, 199):
+            assert code_at(row, k) == int(codes[0, row, k]), (row, k)
+    # elements 200..255 are zero codes; rows 3..127 zero
+    assert all(code_at(0, k) == 0 for k in range(200, 256))
     assert d[0, 3:].eq(0).all() and s[0, 3:].eq(0).all()
     assert s[0, :3, 6:].eq(0).all()
 

@@ -69,7 +69,7 @@ def test_matches_reference(fmt, E, k, H, I, M):
 @pytest.mark.parametrize("cfg", [KernelConfig(16, 32, 64, False, k_unroll=2), KernelConfig(32, 64, 32, False),
                                  KernelConfig(16, 32, 32, False, k_unroll=2, split_k=2),
                                  KernelConfig(16, 32, 32, False, k_unroll=2, split_k=4, split_k1=2),
-                                 KernelConfig(16, 32, 32, False, k_unroll=1, split_k=2, split_k1=4, direct=True),
+                                 KernelConfig(16, 32, 32, False, k_unroll=2, split_k=2, split_k1=4, direct=True),
                                  KernelConfig(16, 32, 64, False, k_unroll=2, scale_words=True),
                                  KernelConfig(16, 32, 32, False, k_unroll=4, split_k=2, split_k1=2, scale_words=True),
                                  KernelConfig(64, 128, 128, False, num_warps=8)])
@@ -186,8 +186,8 @@ def test_split_k_configs_are_not_invariant_and_refuse_bad_counts():
     assert not invariant(KernelConfig(32, 128, 128, False, num_warps=8))   # warps can change the bits
     with pytest.raises(ValueError, match="split_k1"):
         KernelConfig(16, 64, 64, False, split_k1=3)
-    with pytest.raises(ValueError, match="k_unroll must be even"):
-        KernelConfig(16, 64, 64, False, k_unroll=1, scale_words=True)
+    with pytest.raises(ValueError, match="k_unroll: expected 2, 4 or 8"):
+        KernelConfig(16, 64, 64, False, k_unroll=1)
 
 
 def test_shared_output_no_limit_no_bias_fp32_and_fp16():

@@ -9,8 +9,14 @@ Formats (FMT constexpr): 0 = mxfp4 (E2M1 + E8M0 per 32), 1 = nvfp4 (E2M1 + E4M3 
 fp32 global scale per expert), 2 = int4 (signed int4 + bf16 per 32). Weights are in the
 layout of kernels/layout.py: K in chunks of 2G elements; a row's G bytes of a chunk hold
 the chunk's first G elements (the "low half") and its last G (the "high half"), so each
-half is one scale group; inside each 4-byte word the codes' bits sit where the decode
-wants them (layout.E2M1_WORD_BITS, layout.INT4_WORD_BITS).
+half is one scale group. The kernels read chunks in pairs (c, c + 1; c even): 2G bytes per
+row, read as G 16-bit elements, element p holding element p of each of the pair's four
+halves, and each 4-byte word (elements 2q, 2q + 1) the eight codes its decode turns into four
+bf16 pairs, with their bits where the decode wants them (layout.E2M1_WORD_BITS,
+layout.INT4_WORD_BITS). 16-bit elements, pairs of them per decode, are what mma.sync's bf16
+operands hold per register: Triton then keeps the MMAs' operands in their native register
+layout (kWidth 2), so the activations come from shared memory by ldmatrix and no register is
+moved between the decode and the MMA (docs/performance.md, session 7).
 
 Decoding is the hot spot: at decode batch sizes the kernels are bound by instructions per
 weight, not by bytes. On a GPU (ASM=True) one 32-bit word of packed E2M1 codes becomes
@@ -39,11 +45,11 @@ NVFP4_POST = 256.0
 scale is exact in bf16 and never overflows); the accumulator is multiplied by 2^8 after."""
 _NVFP4_POST = tl.constexpr(NVFP4_POST)
 
-# E2M1: one 32-bit word of packed codes ($4: four bytes of the chunk, arranged by
-# layout.E2M1_WORD_BITS) -> four bf16 pairs ($0, $1: low-half elements j..j+3; $2, $3:
-# high-half elements). Rotations and masks put each pair's sign and magnitude bits where a
-# bf16 wants them (value x 2^-126, exact); one bf16x2 multiply applies a scale that already
-# carries the 2^126 ($5, $6: low half; $7, $8: high half). 13 instructions per 8 weights.
+# E2M1: one 32-bit word of packed codes ($4: elements 2q, 2q + 1 of a chunk pair, arranged by
+# layout.E2M1_WORD_BITS) -> four bf16 pairs, $t = elements 2q, 2q + 1 of the pair's half t (lo_c,
+# hi_c, lo_c+1, hi_c+1). Rotations and masks put each pair's sign and magnitude bits where a
+# bf16 wants them (value x 2^-126, exact); one bf16x2 multiply applies half t's scale ($5 + t),
+# which already carries the 2^126. 13 instructions per 8 weights.
 _ASM_E2M1 = tl.constexpr("""
 {
 .reg .b32 a, b;
@@ -69,7 +75,8 @@ lop3.b32 a, a, 0x80C080C0, b, 0xEA; mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $3, a, 
 }
 """)
 
-# int4 (layout.INT4_WORD_BITS: byte i = c_i | c_{4+i} << 4): prmt spreads bytes 0,1 (2,3) into
+# int4 (layout.INT4_WORD_BITS: byte i = c_i | c_{4+i} << 4; the pairs and scales as for E2M1, so
+# $0 = (c0, c1), $1 = (c2, c3), $2 = (c4, c5), $3 = (c6, c7)): prmt spreads bytes 0,1 (2,3) into
 # 16-bit lanes; bf16 0x4300 | u is 128 + u exactly for u < 128; u = code ^ 8 maps -8..7 to
 # 0..15, so (0x4300 | (code ^ 8)) - 136 is the signed value; then x scale.
 # lop3 0x6A = (a & b) ^ c.
@@ -144,27 +151,26 @@ def _word_code(w, B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.c
 
 
 @triton.jit
-def _interleave4(a, b, c, d):
-    """[R, Q] x 4 -> [R, 4Q] with out[:, 4q + i] = (a, b, c, d)[i][:, q]."""
-    x = tl.join(tl.join(a, c), tl.join(b, d))
-    return tl.reshape(x, (x.shape[0], 4 * x.shape[1]))
+def _interleave2(a, b):
+    """[R, Q] x 2 -> [R, 2Q] with out[:, 2q] = a[:, q], out[:, 2q + 1] = b[:, q]."""
+    x = tl.join(a, b)
+    return tl.reshape(x, (x.shape[0], 2 * x.shape[1]))
 
 
 @triton.jit
-def _chunk_codes(w_rows, c, BN: tl.constexpr, G: tl.constexpr, FMT: tl.constexpr):
-    """Interpreter path: chunk c's codes as (lo, hi) [BN, G] uint32 from the arranged words."""
-    q = tl.arange(0, G // 4)
-    wp = (w_rows + (c * G + 4 * q)[None, :]).to(tl.pointer_type(tl.uint32))
-    w = tl.load(wp)
-    if FMT == 2:
-        lo = _interleave4(w & 0xF, (w >> 8) & 0xF, (w >> 16) & 0xF, (w >> 24) & 0xF)
-        hi = _interleave4((w >> 4) & 0xF, (w >> 12) & 0xF, (w >> 20) & 0xF, (w >> 28) & 0xF)
-    else:
-        lo = _interleave4(_word_code(w, 6, 7, 8, 15), _word_code(w, 22, 23, 24, 31),
-                          _word_code(w, 2, 3, 4, 11), _word_code(w, 18, 19, 20, 27))
-        hi = _interleave4(_word_code(w, 28, 29, 30, 5), _word_code(w, 12, 13, 14, 21),
-                          _word_code(w, 0, 1, 26, 9), _word_code(w, 16, 17, 10, 25))
-    return lo, hi
+def _pair_codes(w_rows, c, G: tl.constexpr, FMT: tl.constexpr):
+    """Interpreter path: the codes of chunks c, c + 1 (c even) as their four halves (lo_c, hi_c,
+    lo_c+1, hi_c+1), [BN, G] uint32 each, from the arranged words (word q: elements 2q, 2q + 1)."""
+    q = tl.arange(0, G // 2)
+    w = tl.load((w_rows + (c * G + 4 * q)[None, :]).to(tl.pointer_type(tl.uint32)))
+    if FMT == 2:   # layout.INT4_WORD_BITS
+        return (_interleave2(w & 0xF, (w >> 8) & 0xF), _interleave2((w >> 16) & 0xF, (w >> 24) & 0xF),
+                _interleave2((w >> 4) & 0xF, (w >> 12) & 0xF), _interleave2((w >> 20) & 0xF, (w >> 28) & 0xF))
+    else:          # layout.E2M1_WORD_BITS
+        return (_interleave2(_word_code(w, 6, 7, 8, 15), _word_code(w, 22, 23, 24, 31)),
+                _interleave2(_word_code(w, 2, 3, 4, 11), _word_code(w, 18, 19, 20, 27)),
+                _interleave2(_word_code(w, 28, 29, 30, 5), _word_code(w, 12, 13, 14, 21)),
+                _interleave2(_word_code(w, 0, 1, 26, 9), _word_code(w, 16, 17, 10, 25)))
 
 
 @triton.jit
@@ -192,8 +198,8 @@ def _pair_scales(s_rows, c, FMT: tl.constexpr):
 
 @triton.jit
 def _group_scales(s_rows, c0, U: tl.constexpr, FMT: tl.constexpr, WORDS: tl.constexpr):
-    """The raw scales of chunks c0 .. c0 + U - 1 of one loop iteration, (lo, hi) of each in turn:
-    2U values; WORDS: read two chunks per 32-bit load (`_pair_scales`; U and c0 even)."""
+    """The raw scales of chunks c0 .. c0 + U - 1 (U and c0 even: whole pairs), (lo, hi) of each in
+    turn: 2U values; WORDS: read two chunks per 32-bit load (`_pair_scales`)."""
     t = ()
     if WORDS:
         for u in tl.static_range(0, U, 2):
@@ -205,38 +211,46 @@ def _group_scales(s_rows, c0, U: tl.constexpr, FMT: tl.constexpr, WORDS: tl.cons
 
 
 @triton.jit
-def _load_chunk(w_rows, sc, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
-                CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr):
-    """Chunk c (2G elements) of BN rows -> (lo, hi): [BN, G] each in CDT, scales applied
-    (on the GPU, nvfp4 values come out x 2^-8: see NVFP4_POST). No masks: the weights are
-    padded, callers only ask for chunks that exist.
-
-    w_rows: [BN, 1] pointers to each row's packed bytes; sc: the chunk's raw scales (lo, hi),
-    uint32 [BN, 1] each (`_chunk_scales`, `_pair_scales`)."""
-    s_lo, s_hi = sc
-    if ASM:
-        b = tl.load(w_rows + (c * G + tl.arange(0, G))[None, :])   # [BN, G] uint8
-        slo = tl.broadcast_to(_scale_for_asm(s_lo, FMT, FOLD), (BN, G))
-        shi = tl.broadcast_to(_scale_for_asm(s_hi, FMT, FOLD), (BN, G))
-        if FMT == 2:
-            lo, hi = tl.inline_asm_elementwise(_ASM_INT4, "=r,=r,=r,=r,r,r,r,r,r", [b, slo, shi],
-                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-        elif FOLD or FMT == 1:   # nvfp4 scales x 2^118 always fit a bf16 (FOLD: whether they are codes)
-            lo, hi = tl.inline_asm_elementwise(_ASM_E2M1, "=r,=r,=r,=r,r,r,r,r,r", [b, slo, shi],
-                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-        else:
-            lo, hi = tl.inline_asm_elementwise(_ASM_E2M1_UNFOLDED, "=r,=r,=r,=r,r,r,r,r,r", [b, slo, shi],
-                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-        return lo, hi
+def _pair_half(codes, sc, FMT: tl.constexpr, FOLD: tl.constexpr, CDT: tl.constexpr):
+    """Interpreter path: one half's codes [BN, G] and raw scale [BN, 1] -> values in CDT."""
+    if FMT == 2:
+        v = ((codes ^ 8).to(tl.int32) - 8).to(tl.float32)
     else:
-        c_lo, c_hi = _chunk_codes(w_rows, c, BN, G, FMT)
+        v = _e2m1_to_f32(codes)
+    return (v * _scale_to_f32(sc, FMT, FOLD)).to(CDT)
+
+
+@triton.jit
+def _load_pair(w_rows, sc, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+               CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr):
+    """Chunks c and c + 1 (c even, 4G elements) of BN rows -> their four halves (lo_c, hi_c,
+    lo_c+1, hi_c+1): [BN, G] each in CDT, scales applied (on the GPU, nvfp4 values come out
+    x 2^-8: see NVFP4_POST). No masks: the weights are padded, callers only ask for chunks that
+    exist.
+
+    w_rows: [BN, 1] pointers to each row's packed bytes; sc: the four halves' raw scales, uint32
+    [BN, 1] each (`_group_scales`)."""
+    s0, s1, s2, s3 = sc
+    if ASM:
+        # G 16-bit elements per row; the decode takes two (one word) and gives each half a bf16 pair
+        w = tl.load((w_rows + c * G).to(tl.pointer_type(tl.int16)) + tl.arange(0, G)[None, :])
+        b0 = tl.broadcast_to(_scale_for_asm(s0, FMT, FOLD), (BN, G))
+        b1 = tl.broadcast_to(_scale_for_asm(s1, FMT, FOLD), (BN, G))
+        b2 = tl.broadcast_to(_scale_for_asm(s2, FMT, FOLD), (BN, G))
+        b3 = tl.broadcast_to(_scale_for_asm(s3, FMT, FOLD), (BN, G))
         if FMT == 2:
-            v_lo = ((c_lo ^ 8).to(tl.int32) - 8).to(tl.float32)
-            v_hi = ((c_hi ^ 8).to(tl.int32) - 8).to(tl.float32)
+            asm: tl.constexpr = _ASM_INT4
+        elif FOLD or FMT == 1:   # nvfp4 scales x 2^118 always fit a bf16 (FOLD: whether they are codes)
+            asm: tl.constexpr = _ASM_E2M1
         else:
-            v_lo = _e2m1_to_f32(c_lo)
-            v_hi = _e2m1_to_f32(c_hi)
-        return (v_lo * _scale_to_f32(s_lo, FMT, FOLD)).to(CDT), (v_hi * _scale_to_f32(s_hi, FMT, FOLD)).to(CDT)
+            asm: tl.constexpr = _ASM_E2M1_UNFOLDED
+        return tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r,r,r,r,r", [w, b0, b1, b2, b3],
+                                         dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                                         is_pure=True, pack=2)
+    else:
+        q0, q1, q2, q3 = _pair_codes(w_rows, c, G, FMT)
+        return (_pair_half(q0, s0, FMT, FOLD, CDT), _pair_half(q1, s1, FMT, FOLD, CDT),
+                _pair_half(q2, s2, FMT, FOLD, CDT), _pair_half(q3, s3, FMT, FOLD, CDT))
 
 
 @triton.jit
@@ -323,40 +337,36 @@ def _nvfp4_global_scale(gs_ptr, e, ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg, su, c,
-                 BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
-                 FOLD: tl.constexpr, SWAP: tl.constexpr, MASK: tl.constexpr):
-    """acc_g / acc_u += x rows (chunk c) @ gate / up rows (chunk c)^T; sg, su: the gate's and
-    up's raw scales of chunk c, (lo, hi) each. Padding rows (valid False) are not read (no
-    memory traffic); MASK: x columns >= H read 0 too."""
-    kl = c * 2 * G + tl.arange(0, G)
-    kh = kl + G
-    if MASK:
-        a_lo = tl.load(x_rows + kl[None, :], mask=valid[:, None] & (kl < H)[None, :], other=0.0).to(CDT)
-        a_hi = tl.load(x_rows + kh[None, :], mask=valid[:, None] & (kh < H)[None, :], other=0.0).to(CDT)
-    else:
-        a_lo = tl.load(x_rows + kl[None, :], mask=valid[:, None], other=0.0).to(CDT)
-        a_hi = tl.load(x_rows + kh[None, :], mask=valid[:, None], other=0.0).to(CDT)
-    g_lo, g_hi = _load_chunk(wg_rows, sg, c, BN, FMT, G, CDT, ASM, FOLD)
-    u_lo, u_hi = _load_chunk(wu_rows, su, c, BN, FMT, G, CDT, ASM, FOLD)
-    acc_g = _mma(acc_g, a_lo, g_lo, SWAP)
-    acc_g = _mma(acc_g, a_hi, g_hi, SWAP)
-    acc_u = _mma(acc_u, a_lo, u_lo, SWAP)
-    acc_u = _mma(acc_u, a_hi, u_hi, SWAP)
+def _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg, su, c,
+                BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
+                FOLD: tl.constexpr, SWAP: tl.constexpr, MASK: tl.constexpr):
+    """acc_g / acc_u += x rows (chunks c, c + 1) @ gate / up rows (chunks c, c + 1)^T; sg, su: the
+    gate's and up's raw scales of the pair's four halves. Padding rows (valid False) are not read
+    (no memory traffic); MASK: x columns >= H read 0 too."""
+    g = _load_pair(wg_rows, sg, c, BN, FMT, G, CDT, ASM, FOLD)
+    u = _load_pair(wu_rows, su, c, BN, FMT, G, CDT, ASM, FOLD)
+    for i in tl.static_range(4):
+        k = c * 2 * G + i * G + tl.arange(0, G)
+        if MASK:
+            a = tl.load(x_rows + k[None, :], mask=valid[:, None] & (k < H)[None, :], other=0.0).to(CDT)
+        else:
+            a = tl.load(x_rows + k[None, :], mask=valid[:, None], other=0.0).to(CDT)
+        acc_g = _mma(acc_g, a, g[i], SWAP)
+        acc_u = _mma(acc_u, a, u[i], SWAP)
     return acc_g, acc_u
 
 
 @triton.jit
-def _gemm2_chunk(acc, a_rows, valid, w_rows, sc, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
-                 CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr, SWAP: tl.constexpr):
-    """acc += intermediate rows (chunk c) @ w2 rows (chunk c)^T; sc: the chunk's raw scales
-    (lo, hi); padding rows are not read."""
-    kl = c * 2 * G + tl.arange(0, G)
-    a_lo = tl.load(a_rows + kl[None, :], mask=valid[:, None], other=0.0).to(CDT)
-    a_hi = tl.load(a_rows + (kl + G)[None, :], mask=valid[:, None], other=0.0).to(CDT)
-    w_lo, w_hi = _load_chunk(w_rows, sc, c, BN, FMT, G, CDT, ASM, FOLD)
-    acc = _mma(acc, a_lo, w_lo, SWAP)
-    return _mma(acc, a_hi, w_hi, SWAP)
+def _gemm2_pair(acc, a_rows, valid, w_rows, sc, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+                CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr, SWAP: tl.constexpr):
+    """acc += intermediate rows (chunks c, c + 1) @ w2 rows (chunks c, c + 1)^T; sc: the raw scales
+    of the pair's four halves; padding rows are not read."""
+    w = _load_pair(w_rows, sc, c, BN, FMT, G, CDT, ASM, FOLD)
+    for i in tl.static_range(4):
+        k = c * 2 * G + i * G + tl.arange(0, G)
+        a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0).to(CDT)
+        acc = _mma(acc, a, w[i], SWAP)
+    return acc
 
 
 @triton.jit
@@ -414,16 +424,17 @@ def moe_gemm1_kernel(
     else:
         c_lo, c_hi = _split_chunks(Kp // (2 * G), sk, SPLIT, U)
         c_main = c_lo + (tl.maximum(tl.minimum(c_hi, H // (2 * G)) - c_lo, 0)) // U * U
-    # U chunks per iteration, unrolled (their loads are independent); no masks in this loop
+    # U chunks per iteration, in pairs, unrolled (their loads are independent); no masks in this loop
     for c0 in range(c_lo, c_main, U):
         sg = _group_scales(sg_rows, c0, U, FMT, WORDS)
         su = _group_scales(su_rows, c0, U, FMT, WORDS)
-        for u in tl.static_range(U):
-            acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, (sg[2 * u], sg[2 * u + 1]),
-                                        (su[2 * u], su[2 * u + 1]), c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP, False)
-    for c in range(c_main, c_hi):     # the rest, one chunk at a time, x columns masked at H
-        acc_g, acc_u = _gemm1_chunk(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, _chunk_scales(sg_rows, c),
-                                    _chunk_scales(su_rows, c), c, BN, FMT, G, CDT, ASM, FOLD, SWAP, True)
+        for u in tl.static_range(0, U, 2):
+            acc_g, acc_u = _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg[2 * u:2 * u + 4],
+                                       su[2 * u:2 * u + 4], c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP, False)
+    for c in tl.range(c_main, c_hi, 2, num_stages=1):  # the rest (at most U - 1 chunks), pair by pair, x masked at H
+        acc_g, acc_u = _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows,
+                                   _group_scales(sg_rows, c, 2, FMT, WORDS), _group_scales(su_rows, c, 2, FMT, WORDS),
+                                   c, BN, FMT, G, CDT, ASM, FOLD, SWAP, True)
     if SWAP:
         acc_g = tl.trans(acc_g)
         acc_u = tl.trans(acc_u)
@@ -502,11 +513,12 @@ def moe_gemm2_kernel(
         c_main = c_lo + tl.maximum(c_hi - c_lo, 0) // U * U
     for c0 in range(c_lo, c_main, U):
         sc = _group_scales(s_rows, c0, U, FMT, WORDS)
-        for u in tl.static_range(U):
-            acc = _gemm2_chunk(acc, a_rows, valid, w_rows, (sc[2 * u], sc[2 * u + 1]), c0 + u, BN, FMT, G, CDT, ASM,
-                               FOLD, SWAP)
-    for c in range(c_main, c_hi):
-        acc = _gemm2_chunk(acc, a_rows, valid, w_rows, _chunk_scales(s_rows, c), c, BN, FMT, G, CDT, ASM, FOLD, SWAP)
+        for u in tl.static_range(0, U, 2):
+            acc = _gemm2_pair(acc, a_rows, valid, w_rows, sc[2 * u:2 * u + 4], c0 + u, BN, FMT, G, CDT, ASM, FOLD,
+                              SWAP)
+    for c in tl.range(c_main, c_hi, 2, num_stages=1):
+        acc = _gemm2_pair(acc, a_rows, valid, w_rows, _group_scales(s_rows, c, 2, FMT, WORDS), c, BN, FMT, G, CDT,
+                          ASM, FOLD, SWAP)
     if SWAP:
         acc = tl.trans(acc)
     if FMT == 1:

@@ -3,24 +3,27 @@
 Canonical (qmoe.weights): packed uint8 [E, N, K/2], low nibble = element 2i, high
 nibble = element 2i+1; scales [E, N, K/G].
 
-Kernel layout ("split-nibble K tiles"), per matrix [E, N, K]:
+Kernel layout ("paired half tiles"), per matrix [E, N, K]:
 - K is padded with zero codes to Kp, a multiple of KT = 128; N to Np (a multiple of 128)
   with zero rows. For w13 the gate and up halves are padded separately, so rows are
   [gate (I -> Ip); up (I -> Ip)] and the padded intermediate columns compute exactly 0.
-- K is cut into chunks of 2G elements (G = the scale block: 64 for mxfp4 / int4, 32 for
-  nvfp4). In a chunk, byte j (0..G-1) holds element j in its LOW nibble and element G + j
-  in its HIGH nibble. So one G-byte load per row gives two contiguous halves, and each
-  half is exactly one scale group: the kernel decodes a half with a single per-row scale
-  (a broadcast, no reshape) and multiplies it with one contiguous G-column slice of the
-  activations; no interleave in registers.
-- Bits inside each aligned 4-byte word (optional, `word_bits`): the word holds 8 codes,
-  c0..c3 = low-half elements 4q..4q+3 and c4..c7 = high-half elements 4q..4q+3 of its
-  chunk. Without `word_bits`, byte i holds c_i (low nibble) and c_{4+i} (high nibble). With
-  it, bit b of code i sits at word bit word_bits[i][b] (the word read little-endian), so a
-  GPU can turn bytes into bf16 pairs with a few shifts and masks (E2M1_WORD_BITS: see there;
-  the arrangements in use keep both codes of a byte in that byte).
-- Scales keep their canonical order [E, Np, Kp/G] (chunk c's low half uses scale 2c, its
-  high half scale 2c + 1), stored as raw bytes: uint8 (E8M0 for mxfp4, E4M3 bits for
+- K is cut into halves of G elements (G = the scale block: 32 for mxfp4 / int4, 16 for
+  nvfp4), each exactly one scale group, and the halves into quads of four consecutive ones
+  (4G elements, 2G bytes per row: a "pair" of two chunks of 2G, whose halves h0..h3 are the
+  low and high halves of chunk c and of chunk c + 1, c even). A quad's bytes are G 16-bit
+  elements; element p (bytes 2p, 2p + 1) holds element p of every half, so the 4-byte word q
+  (elements 2q, 2q + 1) holds the 8 codes c0..c7 = h0[2q], h0[2q+1], h1[2q], h1[2q+1], h2[2q],
+  h2[2q+1], h3[2q], h3[2q+1]: a bf16 pair of each half, the pair one register of an MMA's bf16
+  operand holds. The kernels read the quad as int16 elements, decode a word into four bf16 pairs
+  and multiply each half by its one per-row scale (a broadcast) against a contiguous G-column
+  slice of the activations; since nothing narrower than 16 bits is loaded, Triton keeps the MMA
+  operands in their native register layout (docs/performance.md, session 7).
+- Bits inside each word: without `word_bits`, byte i holds c_i (low nibble) and c_{4+i} (high
+  nibble). With it, bit b of code i sits at word bit word_bits[i][b] (the word read
+  little-endian), so a GPU turns the word into four bf16 pairs with a few shifts and masks
+  (E2M1_WORD_BITS, INT4_WORD_BITS: see there).
+- Scales keep their canonical order [E, Np, Kp/G] (half j uses scale j: a quad's four halves
+  use four consecutive scales), stored as raw bytes: uint8 (E8M0 for mxfp4, E4M3 bits for
   nvfp4) or int16 (bf16 bits for int4).
 
 - nvfp4 scales may be stored as codes instead (`nvfp4_scale_codes`): one byte that becomes the
@@ -52,10 +55,8 @@ that
   rotl(word, 6) & 0x80C080C0 | rotl(word, 14) & 0x01000100   = pair (c6, c7),
 each pair being two bf16 with the sign at bit 15 and the magnitude bits at the exponent /
 mantissa boundary (bits 6..8): value x 2^-126, exact (0.5 is a subnormal). 9 integer
-instructions per 8 weights. The decode needs the 4 bytes of a word in one thread, in order:
-true for the mma.sync operand layouts (4 consecutive K bytes per thread) and the blocked
-layouts Triton uses before shared memory; not for wgmma register operands (pairs), which is
-why E2M1 configurations with swap=True are refused (kernels/moe.py)."""
+instructions per 8 weights. The decode needs a word's two 16-bit elements in one thread, in
+order, as every MMA operand register layout of bf16 keeps them."""
 
 INT4_WORD_BITS = tuple((8 * i, 8 * i + 1, 8 * i + 2, 8 * i + 3) for i in range(4)) + \
     tuple((8 * i + 4, 8 * i + 5, 8 * i + 6, 8 * i + 7) for i in range(4))
@@ -83,14 +84,16 @@ def _pad_rows_cols(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def chunk_of(block: int) -> int:
-    """Elements per nibble-split chunk for a scale block size (two groups)."""
+    """Elements per chunk (two halves, two scale groups) for a scale block size; the layout's
+    quads are two chunks."""
     return 2 * block
 
 
 def _arrange_words(c: torch.Tensor, word_bits) -> torch.Tensor:
-    """Split-nibble chunk codes c [..., 2, C/2] (half, element) -> packed bytes [..., C/2]."""
-    *lead, _, n = c.shape
-    codes = c.view(*lead, 2, n // 4, 4).transpose(-3, -2).reshape(*lead, n // 4, 8).to(torch.int64)
+    """Codes of chunk pairs c [..., 4, G] (half, element) -> packed bytes [..., 2G]."""
+    *lead, _, g = c.shape
+    n = 2 * g
+    codes = c.reshape(*lead, 4, g // 2, 2).transpose(-3, -2).reshape(*lead, g // 2, 8).to(torch.int64)
     if word_bits is None:
         word = codes[..., :4] | (codes[..., 4:] << 4)
         return word.to(torch.uint8).reshape(*lead, n)
@@ -103,7 +106,7 @@ def _arrange_words(c: torch.Tensor, word_bits) -> torch.Tensor:
 
 
 def _codes_of_words(d: torch.Tensor, word_bits) -> torch.Tensor:
-    """Inverse of _arrange_words: packed bytes [..., C/2] -> codes [..., 2, C/2]."""
+    """Inverse of _arrange_words: packed bytes [..., 2G] -> codes [..., 4, G]."""
     *lead, n = d.shape
     b = d.view(*lead, n // 4, 4).to(torch.int64)
     if word_bits is None:
@@ -112,7 +115,7 @@ def _codes_of_words(d: torch.Tensor, word_bits) -> torch.Tensor:
         word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
         codes = torch.stack([sum(((word >> pos) & 1) << j for j, pos in enumerate(bits))
                              for bits in word_bits], dim=-1)
-    return codes.view(*lead, n // 4, 2, 4).transpose(-3, -2).reshape(*lead, 2, n).to(torch.uint8)
+    return codes.view(*lead, n // 4, 4, 2).transpose(-3, -2).reshape(*lead, 4, n // 2).to(torch.uint8)
 
 
 def to_kernel_layout(data: torch.Tensor, scales: torch.Tensor, block: int, halves: int = 1,
@@ -138,7 +141,7 @@ def to_kernel_layout(data: torch.Tensor, scales: torch.Tensor, block: int, halve
     for e in range(E):
         codes = _unpack(data[e])
         for h in range(halves):
-            c = _pad_rows_cols(codes[h * nh:(h + 1) * nh], nhp, Kp).view(nhp, Kp // C, 2, C // 2)
+            c = _pad_rows_cols(codes[h * nh:(h + 1) * nh], nhp, Kp).view(nhp, Kp // (2 * C), 4, C // 2)
             out_d[e, h * nhp:(h + 1) * nhp] = _arrange_words(c, word_bits).view(nhp, Kp // 2)
             out_s[e, h * nhp:(h + 1) * nhp] = _pad_rows_cols(raw[e, h * nh:(h + 1) * nh], nhp, Kp // block)
     return out_d, out_s
@@ -157,7 +160,7 @@ def from_kernel_layout(data: torch.Tensor, scales: torch.Tensor, n: int, k: int,
     Kp = 2 * Kp2
     nhp, nh = Np // halves, n // halves
     C = chunk_of(block)
-    full = _codes_of_words(data.view(E, Np, Kp // C, C // 2), word_bits).view(E, Np, Kp)  # [low half | high half]
+    full = _codes_of_words(data.view(E, Np, Kp // (2 * C), C), word_bits).view(E, Np, Kp)  # halves in K order
     rows = torch.cat([full[:, h * nhp:h * nhp + nh, :k] for h in range(halves)], dim=1)
     packed = rows[..., 0::2] | (rows[..., 1::2] << 4)
     s = torch.cat([scales[:, h * nhp:h * nhp + nh, : k // block] for h in range(halves)], dim=1)

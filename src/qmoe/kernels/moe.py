@@ -47,11 +47,12 @@ class KernelConfig:
 
     block_m: sorted token rows per program (16..128); block_n1 / block_n2: output columns per
     program in GEMM1 (intermediate) / GEMM2 (hidden); swap: weights as the MMA's first operand
-    (accumulator transposed); k_unroll: K chunks per loop iteration (loads in flight);
+    (accumulator transposed); k_unroll: K chunks per loop iteration (loads in flight; even: the
+    kernels read chunks in pairs);
     warps/stages per GEMM; split_k: GEMM2 as this many K parts per tile (partial sums added in
     the combine, in a fixed order); split_k1: GEMM1 as this many K parts per tile (the tile's
     last program adds the fp32 partial sums in split order, then runs the SwiGLU epilogue);
-    scale_words: load the scales of two K chunks per 32-bit load (k_unroll even), which Triton
+    scale_words: load the scales of two K chunks per 32-bit load, which Triton
     stages through shared memory with the weights; one-byte scale loads are not pipelined;
     direct: group the slots inside the GEMMs (no grouping launch; used when M * k <=
     DIRECT_MAX_SLOTS, else the grouping kernels run); pdl: launch each kernel with
@@ -77,8 +78,9 @@ class KernelConfig:
             v = getattr(self, f)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"KernelConfig.{f}: expected a power of two >= 16, got {v}")
-        if self.k_unroll not in (1, 2, 4, 8):
-            raise ValueError(f"KernelConfig.k_unroll: expected 1, 2, 4 or 8, got {self.k_unroll}")
+        if self.k_unroll not in (2, 4, 8):
+            raise ValueError(f"KernelConfig.k_unroll: expected 2, 4 or 8 (the kernels read K chunks in pairs: "
+                             f"kernels/layout.py), got {self.k_unroll}")
         for f in ("split_k", "split_k1"):
             if getattr(self, f) not in (1, 2, 4):
                 raise ValueError(f"KernelConfig.{f}: expected 1, 2 or 4, got {getattr(self, f)}")
@@ -86,9 +88,6 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps}")
         if not 1 <= self.num_stages <= 8:
             raise ValueError(f"KernelConfig.num_stages: expected 1..8, got {self.num_stages}")
-        if self.scale_words and self.k_unroll % 2:
-            raise ValueError(f"KernelConfig.scale_words: loads the scales of two K chunks at once, so k_unroll must "
-                             f"be even, got {self.k_unroll}")
 
     def problem_with(self, fmt: str, hidden_padded: int, intermediate_padded: int) -> str | None:
         """Why this configuration cannot run weights of `fmt` padded to (Hp, Ip), or None.
