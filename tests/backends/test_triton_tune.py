@@ -18,7 +18,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_tune_kernels_writes_the_table_and_prepare_uses_it(tmp_path, monkeypatch):
     table = tmp_path / "triton_configs.json"
     monkeypatch.setenv("QMOE_TRITON_CONFIGS", str(table))
-    only = KernelConfig(16, 32, 32, False, 2, 2, 1)
+    only = KernelConfig(16, 32, 32, False, 2, 2, 2)
     monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4": [configs.default_config(m, k, e, fmt), only])
     parser = argparse.ArgumentParser()
     tune.add_arguments(parser)

@@ -370,8 +370,8 @@ def test_large_scales_on_gpu(fmt):
 
 
 def test_swap_is_refused_for_e2m1():
-    """The E2M1 decode needs whole 4-byte words per thread, which wgmma register operands do
-    not keep: such a configuration is refused with a reason before anything is launched."""
+    """The E2M1 decode with the weight as the MMA's first operand is not qualified on a GPU yet:
+    such a configuration is refused with a reason before anything is launched."""
     import qmoe.kernels.moe as km
     spec, w = make(4, 2, 64, 64, "mxfp4")
     kw = qmoe.MoE(spec, w, backend="triton").plan.prepared["triton"].meta["kernel_weights"]

@@ -95,8 +95,8 @@ class KernelConfig:
         GEMM1 runs Ip / block_n1 column tiles and GEMM2 Hp / block_n2: a block that does not
         divide the padded size would leave output columns unwritten."""
         if fmt != "int4" and self.swap:
-            return (f"swap=True is not available for {fmt}: its decode reads whole 4-byte words per "
-                    f"thread, which wgmma register operands do not keep together (kernels/layout.py)")
+            return (f"swap=True is not available for {fmt}: the E2M1 decode with the weight as the MMA's first "
+                    f"(register) operand has not been qualified on a GPU yet (docs/performance.md, session 7)")
         if intermediate_padded % self.block_n1:
             return f"block_n1={self.block_n1} does not divide the padded intermediate size {intermediate_padded}"
         if hidden_padded % self.block_n2:
