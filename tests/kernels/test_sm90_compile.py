@@ -1,0 +1,36 @@
+"""The GEMMs compiled for sm_90 on this machine (no GPU needed): the property the kernel layout
+exists for (kernels/layout.py, docs/performance.md session 7) holds. Every MMA operand keeps
+mma.sync's native bf16 register layout (kWidth 2): Triton picks kWidth from the narrowest element
+loaded into an operand, so a uint8 weight load anywhere would make it 4. The activations then
+leave shared memory by ldmatrix, not by 8-byte loads.
+
+Runs scripts/dev/sass_loop.py in a subprocess: the test session has TRITON_INTERPRET set, under
+which the kernels cannot be compiled."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import triton
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+SITE = os.path.dirname(os.path.dirname(os.path.abspath(triton.__file__)))
+PTXAS = os.path.join(SITE, "triton", "backends", "nvidia", "bin", "ptxas")
+
+
+@pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton has no NVIDIA backend with ptxas")
+@pytest.mark.parametrize("kernel", ["gemm1", "gemm2"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4"])
+def test_mma_operands_keep_the_native_layout(tmp_path, kernel, fmt):
+    ttgir = tmp_path / "k.ttgir"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "dev", "sass_loop.py"), "--triton", SITE,
+                          "--kernel", kernel, "--fmt", fmt, "--ttgir", str(ttgir)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    widths = re.findall(r"kWidth = (\d+)", ttgir.read_text())
+    assert widths and set(widths) == {"2"}, f"dot operand kWidths {sorted(set(widths))}"
+    mio = next(line for line in run.stdout.splitlines() if line.strip().startswith("shared-memory:"))
+    assert "LDSM" in mio and "LDS.64" not in mio, mio
