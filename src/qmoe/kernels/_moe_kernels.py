@@ -7,13 +7,12 @@ one-byte loads, 16x the load instructions).
 
 Formats (FMT constexpr): 0 = mxfp4 (E2M1 + E8M0 per 32), 1 = nvfp4 (E2M1 + E4M3 per 16,
 fp32 global scale per expert), 2 = int4 (signed int4 + bf16 per 32). Weights are in the
-layout of kernels/layout.py: K in chunks of 2G elements; a row's G bytes of a chunk hold
-the chunk's first G elements (the "low half") and its last G (the "high half"), so each
-half is one scale group. The kernels read chunks in pairs (c, c + 1; c even): 2G bytes per
-row, read as G 16-bit elements, element p holding element p of each of the pair's four
-halves, and each 4-byte word (elements 2q, 2q + 1) the eight codes its decode turns into four
-bf16 pairs, with their bits where the decode wants them (layout.E2M1_WORD_BITS,
-layout.INT4_WORD_BITS). 16-bit elements, pairs of them per decode, are what mma.sync's bf16
+layout of kernels/layout.py: K in halves of G elements (one scale group each; a chunk is two
+halves, its "low" and "high" half) and quads of four halves (a pair of chunks c, c + 1, c
+even): 2G bytes per row, read as G 16-bit elements, element p holding element p of each of
+the quad's four halves, and each 4-byte word (elements 2q, 2q + 1) the eight codes its decode
+turns into four bf16 pairs, with their bits where the decode wants them
+(layout.E2M1_WORD_BITS, layout.INT4_WORD_BITS). 16-bit elements, pairs of them per decode, are what mma.sync's bf16
 operands hold per register: Triton then keeps the MMAs' operands in their native register
 layout (kWidth 2), so the activations come from shared memory by ldmatrix and no register is
 moved between the decode and the MMA (docs/performance.md, session 7).
