@@ -16,7 +16,7 @@ from .weights import ExpertWeights, load_gpt_oss, random_weights, save_gpt_oss
 
 from . import nn  # noqa: E402  (qmoe.nn.MoELayer and the torch ops; imports the facade above)
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["FORMATS", "ExpertWeights", "MoE", "MoESpec", "QuantizedTensor", "Routing", "SwiGLU",
            "dequantize", "format_info", "load_gpt_oss", "preset", "presets", "quantize", "random_weights",

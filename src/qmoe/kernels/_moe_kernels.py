@@ -9,10 +9,10 @@ Formats (FMT constexpr): 0 = mxfp4 (E2M1 + E8M0 per 32), 1 = nvfp4 (E2M1 + E4M3 
 fp32 global scale per expert), 2 = int4 (signed int4 + bf16 per 32). Weights are in the
 layout of kernels/layout.py: K in halves of G elements (one scale group each; a chunk is two
 halves, its "low" and "high" half) and quads of four halves (a pair of chunks c, c + 1, c
-even): 2G bytes per row, read as G 16-bit elements, element p holding element p of each of
-the quad's four halves, and each 4-byte word (elements 2q, 2q + 1) the eight codes its decode
-turns into four bf16 pairs, with their bits where the decode wants them
-(layout.E2M1_WORD_BITS, layout.INT4_WORD_BITS). 16-bit elements, pairs of them per decode, are what mma.sync's bf16
+even): 2G bytes per row, read as G 16-bit elements; each 4-byte word q (two of them) holds the
+eight codes of elements 2q and 2q + 1 of each of the quad's four halves, which its decode turns
+into four bf16 pairs, with their bits where the decode wants them (layout.E2M1_WORD_BITS,
+layout.INT4_WORD_BITS). 16-bit elements, pairs of them per decode, are what mma.sync's bf16
 operands hold per register: Triton then keeps the MMAs' operands in their native register
 layout (kWidth 2), so the activations come from shared memory by ldmatrix and no register is
 moved between the decode and the MMA (docs/performance.md, session 7).
@@ -309,7 +309,7 @@ def _block(ids_ptr, MK, E, sorted_ptr, block_expert_ptr, blk, BM: tl.constexpr, 
 @triton.jit
 def _split_chunks(nch, sk, SPLIT: tl.constexpr, U: tl.constexpr):
     """Chunks [lo, hi) of split sk when nch K chunks are cut into SPLIT parts of ceil(nch / SPLIT)
-    rounded up to a multiple of U (whole loop iterations; even starts for WORDS); the last parts
+    rounded up to a multiple of U (whole loop iterations: even starts, whole pairs); the last parts
     are shorter or empty (an empty part contributes a zero partial sum)."""
     per = ((nch + SPLIT - 1) // SPLIT + U - 1) // U * U
     lo = sk * per
@@ -393,6 +393,7 @@ def moe_gemm1_kernel(
     to finish (a counter per tile, reset to 0 by that program) adds the partials in split order
     (0, 1, ...: the same order whoever finishes last, so the result is deterministic) and runs
     the epilogue. The activation needs the whole sum, so no third launch is needed for it."""
+    tl.static_assert(U % 2 == 0, "U (k_unroll) must be even: the kernels read K chunks in pairs")
     pid = tl.program_id(0)
     sk = pid % SPLIT
     tile = pid // SPLIT
@@ -430,7 +431,7 @@ def moe_gemm1_kernel(
         for u in tl.static_range(0, U, 2):
             acc_g, acc_u = _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg[2 * u:2 * u + 4],
                                        su[2 * u:2 * u + 4], c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP, False)
-    for c in tl.range(c_main, c_hi, 2, num_stages=1):  # the rest (at most U - 1 chunks), pair by pair, x masked at H
+    for c in tl.range(c_main, c_hi, 2, num_stages=1):  # the rest (past H's last whole iteration: K padding too), pair by pair, x masked at H
         acc_g, acc_u = _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows,
                                    _group_scales(sg_rows, c, 2, FMT, WORDS), _group_scales(su_rows, c, 2, FMT, WORDS),
                                    c, BN, FMT, G, CDT, ASM, FOLD, SWAP, True)
@@ -486,6 +487,7 @@ def moe_gemm2_kernel(
     fixed order, so the result is deterministic). With SPLIT > 1, SPLIT programs share a tile,
     each over 1/SPLIT of K (split-K, for few active experts: SPLIT times the programs); split 0
     adds the bias, and each writes its own copy of y (y_split_stride elements apart)."""
+    tl.static_assert(U % 2 == 0, "U (k_unroll) must be even: the kernels read K chunks in pairs")
     pid = tl.program_id(0)
     sk = pid % SPLIT
     blk = pid // SPLIT // n_tiles

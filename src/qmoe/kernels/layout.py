@@ -10,9 +10,8 @@ Kernel layout ("paired half tiles"), per matrix [E, N, K]:
 - K is cut into halves of G elements (G = the scale block: 32 for mxfp4 / int4, 16 for
   nvfp4), each exactly one scale group, and the halves into quads of four consecutive ones
   (4G elements, 2G bytes per row: a "pair" of two chunks of 2G, whose halves h0..h3 are the
-  low and high halves of chunk c and of chunk c + 1, c even). A quad's bytes are G 16-bit
-  elements; element p (bytes 2p, 2p + 1) holds element p of every half, so the 4-byte word q
-  (elements 2q, 2q + 1) holds the 8 codes c0..c7 = h0[2q], h0[2q+1], h1[2q], h1[2q+1], h2[2q],
+  low and high halves of chunk c and of chunk c + 1, c even). A quad's bytes are G/2 4-byte
+  words (G 16-bit elements, two per word); word q holds the 8 codes c0..c7 = h0[2q], h0[2q+1], h1[2q], h1[2q+1], h2[2q],
   h2[2q+1], h3[2q], h3[2q+1]: a bf16 pair of each half, the pair one register of an MMA's bf16
   operand holds. The kernels read the quad as int16 elements, decode a word into four bf16 pairs
   and multiply each half by its one per-row scale (a broadcast) against a contiguous G-column
@@ -39,7 +38,7 @@ from __future__ import annotations
 import torch
 
 KT = 128
-"""K is padded to a multiple of this (a whole number of chunks for every format)."""
+"""K is padded to a multiple of this (a whole number of quads for every format)."""
 
 PAD = 128
 """N and K are padded to multiples of this."""
