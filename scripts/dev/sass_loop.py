@@ -9,8 +9,9 @@ session-6 counters found to be what the decode GEMMs wait on (docs/performance.m
 Arguments carry the divisibility facts a real launch gives Triton (pointers and row strides
 divisible by 16; without them the same source compiles to one-byte loads). The main loop is the
 longest backward branch of the SASS. Options: --block-m, --block-n, --k-unroll, --warps,
---stages, --split, --words (scale words, 1 or 0), --swap (1: the weight first), --triton (where Triton 3.6 lies), --sass FILE
-(keep the whole SASS), --ttgir FILE (keep the TTGIR, for the layouts).
+--stages, --split, --words (scale words, 1 or 0), --swap (1: the weight first), --triton
+(where Triton 3.6 lies), --sass FILE (keep the whole SASS), --ttgir FILE (keep the TTGIR, for
+the layouts).
 """
 
 import argparse
@@ -45,8 +46,9 @@ def compile_kernel(args):
     import qmoe.kernels._moe_kernels as K
 
     fmt, G, s_type = FORMATS[args.fmt]
-    const = dict(FMT=fmt, G=G, HAS_BIAS=True, BM=args.block_m, BN=args.block_n, SWAP=bool(args.swap), CDT=tl.bfloat16, ASM=True,
-                 U=args.k_unroll, FOLD=True, DIRECT=False, MKP=16, PDL=False, SPLIT=args.split, WORDS=bool(args.words))
+    const = dict(FMT=fmt, G=G, HAS_BIAS=True, BM=args.block_m, BN=args.block_n, SWAP=bool(args.swap),
+                 CDT=tl.bfloat16, ASM=True, U=args.k_unroll, FOLD=True, DIRECT=False, MKP=16, PDL=False,
+                 SPLIT=args.split, WORDS=bool(args.words))
     if args.kernel == "gemm1":
         fn = K.moe_gemm1_kernel
         const["HAS_LIMIT"] = True

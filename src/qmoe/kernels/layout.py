@@ -11,12 +11,13 @@ Kernel layout ("paired half tiles"), per matrix [E, N, K]:
   nvfp4), each exactly one scale group, and the halves into quads of four consecutive ones
   (4G elements, 2G bytes per row: a "pair" of two chunks of 2G, whose halves h0..h3 are the
   low and high halves of chunk c and of chunk c + 1, c even). A quad's bytes are G/2 4-byte
-  words (G 16-bit elements, two per word); word q holds the 8 codes c0..c7 = h0[2q], h0[2q+1], h1[2q], h1[2q+1], h2[2q],
-  h2[2q+1], h3[2q], h3[2q+1]: a bf16 pair of each half, the pair one register of an MMA's bf16
-  operand holds. The kernels read the quad as int16 elements, decode a word into four bf16 pairs
-  and multiply each half by its one per-row scale (a broadcast) against a contiguous G-column
-  slice of the activations; since nothing narrower than 16 bits is loaded, Triton keeps the MMA
-  operands in their native register layout (docs/performance.md, session 7).
+  words (G 16-bit elements, two per word); word q holds the 8 codes c0..c7 = h0[2q], h0[2q+1],
+  h1[2q], h1[2q+1], h2[2q], h2[2q+1], h3[2q], h3[2q+1]: a bf16 pair of each half, the pair one
+  register of an MMA's bf16 operand holds. The kernels read the quad as int16 elements,
+  decode a word into four bf16 pairs and multiply each half by its one per-row scale (a
+  broadcast) against a contiguous G-column slice of the activations; since nothing narrower
+  than 16 bits is loaded, Triton keeps the MMA operands in their native register layout
+  (docs/performance.md, session 7).
 - Bits inside each word: without `word_bits`, byte i holds c_i (low nibble) and c_{4+i} (high
   nibble). With it, bit b of code i sits at word bit word_bits[i][b] (the word read
   little-endian), so a GPU turns the word into four bf16 pairs with a few shifts and masks

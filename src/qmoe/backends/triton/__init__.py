@@ -3,7 +3,8 @@
 Formats: mxfp4, nvfp4, int4 (group 32). Runs on CUDA GPUs of compute capability 8.0 and up,
 and on the CPU through Triton's interpreter (TRITON_INTERPRET=1; slow, for tests on tiny
 shapes). Prepared layout: qmoe.kernels.layout (K in quads of four scale groups read as 16-bit
-elements, N and K padded to 128, the codes' bits arranged per 4-byte word for the decode), made by MoEKernelWeights.from_canonical.
+elements, N and K padded to 128, the codes' bits arranged per 4-byte word for the decode),
+made by MoEKernelWeights.from_canonical.
 
 Launch configurations: per M bucket from the measured tables (configs.py), else defaults;
 `runner(prepared, m)` binds the configuration once per token count, so a call costs no lookup.

@@ -159,7 +159,8 @@ def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", bat
     grouping inside the GEMMs and programmatic dependent launch while there are at most 32
     (token, expert) slots; 32-row blocks up to ~48 tokens per expert, then 128-row blocks
     (int4 from 32 rows up with the weight as the MMA's first operand; refused for the E2M1
-    formats until qualified: see kernels/moe.py). batch_invariant: 32-row blocks beyond (`invariant`). The scales are
+    formats until qualified: see kernels/moe.py). batch_invariant: 32-row blocks beyond
+    (`invariant`). The scales are
     loaded as 32-bit words everywhere: the same bits, faster in every case measured (decode in
     session 5, prefill in session 6)."""
     from ...kernels.moe import KernelConfig
@@ -186,8 +187,8 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     programmatic dependent launch, and without (the default), with GEMM2 tiles of 64 or 128
     columns (nvfp4 also with 2 warps); split-K (2 or 4 parts, GEMM1 and GEMM2) when almost every
     expert sees one token; 32- and 64-row blocks in between; 128-row blocks for prefill (int4 also
-    with the weight as the MMA's first operand, refused for the E2M1 formats until qualified). All load the
-    scales as 32-bit words (`default_config`)."""
+    with the weight as the MMA's first operand, refused for the E2M1 formats until qualified).
+    All load the scales as 32-bit words (`default_config`)."""
     from ...kernels.moe import KernelConfig as C
 
     per_expert = m * top_k / num_experts
