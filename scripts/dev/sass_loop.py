@@ -9,9 +9,9 @@ session-6 counters found to be what the decode GEMMs wait on (docs/performance.m
 Arguments carry the divisibility facts a real launch gives Triton (pointers and row strides
 divisible by 16; without them the same source compiles to one-byte loads). The main loop is the
 longest backward branch of the SASS. Options: --block-m, --block-n, --k-unroll, --warps,
---stages, --split, --words (scale words, 1 or 0), --swap (1: the weight first), --triton
-(where Triton 3.6 lies), --sass FILE (keep the whole SASS), --ttgir FILE (keep the TTGIR, for
-the layouts).
+--stages, --split, --words (the scales' loads: 2 = 32- and 64-bit, 1 = 32-bit but int4's
+64-bit pairs, 0 = one per scale), --swap (1: the weight first), --triton (where Triton 3.6 lies), --sass FILE (keep the
+whole SASS), --ttgir FILE (keep the TTGIR, for the layouts).
 """
 
 import argparse
@@ -48,7 +48,7 @@ def compile_kernel(args):
     fmt, G, s_type = FORMATS[args.fmt]
     const = dict(FMT=fmt, G=G, HAS_BIAS=True, BM=args.block_m, BN=args.block_n, SWAP=bool(args.swap),
                  CDT=tl.bfloat16, ASM=True, U=args.k_unroll, FOLD=True, DIRECT=False, MKP=16, PDL=False,
-                 SPLIT=args.split, WORDS=bool(args.words))
+                 SPLIT=args.split, WORDS=args.words)
     if args.kernel == "gemm1":
         fn = K.moe_gemm1_kernel
         const["HAS_LIMIT"] = True
@@ -85,7 +85,7 @@ def main():
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--split", type=int, default=1)
-    ap.add_argument("--words", type=int, choices=(0, 1), default=1)
+    ap.add_argument("--words", type=int, choices=(0, 1, 2), default=2)
     ap.add_argument("--swap", type=int, choices=(0, 1), default=0, help="the weight as the MMA's first operand")
     ap.add_argument("--triton", default="/tmp/t36")
     ap.add_argument("--sass", help="write the whole SASS here")

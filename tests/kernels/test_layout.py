@@ -18,6 +18,8 @@ def test_round_trip(fmt, halves, N, K):
     block = qmoe.formats.block_size(fmt)
     d, s = to_kernel_layout(q.data, q.scales, block, halves=halves)
     assert d.shape[1] % 128 == 0 and d.shape[2] * 2 % KT == 0
+    # scale rows start on 8-byte boundaries (mxfp4 at K = 384: 12-byte rows, 16 apart)
+    assert s.shape[2] == d.shape[2] * 2 // block and s.stride(1) * s.element_size() % 8 == 0
     d2, s2 = from_kernel_layout(d, s, N, K, block, SCALE_DTYPES[fmt], halves=halves)
     assert torch.equal(d2, q.data)
     assert torch.equal(s2.view(torch.uint8), q.scales.view(torch.uint8))
@@ -36,8 +38,8 @@ def test_round_trip_with_word_bits(fmt, word_bits):
 def test_word_bits_give_the_values_the_gpu_decode_extracts():
     """The rotations and masks of the GPU decode (kernels/_moe_kernels.py) applied to arranged
     words give pair t (word q: elements 2q, 2q + 1 of the quad's half t) where bf16 wants it
-    (sign at bit 15, magnitude at bits 6..8 of each 16-bit lane); int4's prmt and nibble shifts
-    give the same pairs."""
+    (sign at bit 15, magnitude at bits 6..8 of each 16-bit lane); int4's nibble shifts give the
+    same pairs."""
     codes = torch.randint(0, 16, (3, 128), dtype=torch.uint8)  # one mxfp4 / int4 quad per row
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
     half = codes.long().view(3, 4, 16, 2)                      # [row, half t, word q, element of the pair]
@@ -51,8 +53,7 @@ def test_word_bits_give_the_values_the_gpu_decode_extracts():
                      (rotl(w, 6) & 0x80C080C0) | (rotl(w, 14) & 0x01000100)]
             bf16 = lambda c: ((c & 8) << 12) | ((c & 7) << 6)
         else:
-            t0, t1 = (w & 0xFF) | ((w >> 8) & 0xFF) << 16, ((w >> 16) & 0xFF) | (w >> 24) << 16   # prmt
-            pairs = [t0 & 0x000F000F, t1 & 0x000F000F, (t0 >> 4) & 0x000F000F, (t1 >> 4) & 0x000F000F]
+            pairs = [(w >> (4 * t)) & 0x000F000F for t in range(4)]
             bf16 = lambda c: c
         for t, got in enumerate(pairs):
             assert torch.equal(got, bf16(half[:, t, :, 0]) | bf16(half[:, t, :, 1]) << 16)

@@ -109,19 +109,36 @@ def test_split_k_gemm1_is_deterministic_and_leaves_its_counters_at_zero(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_scale_words_give_the_same_bits(fmt):
-    """Scales loaded two chunks per 32-bit word (scale_words) are the same scales: the output is
-    bitwise the one-byte loads' (H = 320: 5 chunks of 64, 10 of 32 for nvfp4, so the main loop
-    and the tail both run)."""
+    """Scales loaded as 32- and 64-bit words (scale_words) are the same scales: the output is
+    bitwise the one-byte loads', with 2 and 4 chunks per iteration (4: the 64-bit words of four
+    chunks' one-byte scales) and, for mxfp4, with scale rows only 4-byte aligned (32-bit words
+    alone). H = 320: 5 chunks of 64, 10 of 32 for nvfp4, so the main loop and the tail both run."""
+    from qmoe.kernels.moe import fused_moe
+
     spec, w = make(4, 2, 320, 128, fmt, seed=3)
-    b = get_backend("triton")
-    prep = b.prepare(spec, w)
+    kw = get_backend("triton").prepare(spec, w).meta["kernel_weights"]
     x, ids, tw = inputs(spec, 3, seed=2)
-    outs = []
-    for words in (False, True):
-        out = torch.full((3, 320), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-        b.forward(prep, x, ids, tw, out, config=KernelConfig(16, 32, 32, False, k_unroll=2, scale_words=words))
-        outs.append(out)
-    assert torch.isfinite(outs[1]).all() and torch.equal(outs[0], outs[1])
+    runs = [(kw, False), (kw, True)]
+    if fmt == "mxfp4":
+        four = _shift_scale_rows(kw, 4)
+        assert four.scale_words_level() == (1, None)
+        runs.append((four, True))
+    for u in (2, 4):
+        outs = []
+        for weights, words in runs:
+            out = torch.full((3, 320), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+            cfg = KernelConfig(16, 32, 32, False, k_unroll=u, scale_words=words)
+            outs.append(fused_moe(x, ids, tw, weights, 1.702, 1.0, 7.0, cfg, out))
+        assert torch.isfinite(outs[0]).all() and all(torch.equal(outs[0], o) for o in outs[1:]), u
+
+
+def _shift_scale_rows(kw, n):
+    """The same kernel weights with s13's rows n elements further apart (a copy: rows off their
+    8-byte boundary when n * element size is not a multiple of 8)."""
+    pad = torch.zeros(*kw.s13.shape[:2], kw.s13.stride(1) + n, dtype=kw.s13.dtype, device=kw.s13.device)
+    shifted = pad[..., :kw.s13.shape[2]]
+    shifted.copy_(kw.s13)
+    return dataclasses.replace(kw, s13=shifted, counters=[])
 
 
 def _zero_groups(w):
@@ -161,20 +178,26 @@ def test_nvfp4_scale_codes_give_the_raw_scales_bits():
     assert rel_err(outs[0], reference_moe(spec, w, x, ids, tw)) < TOL
 
 
-def test_scale_words_refuse_scale_rows_off_a_4_byte_boundary():
+@pytest.mark.parametrize("fmt, size, need", [("mxfp4", 128, 4), ("mxfp4", 384, 4), ("int4", 128, 8)])
+def test_scale_words_refuse_scale_rows_off_their_boundary(fmt, size, need):
+    """The layout starts every scale row on an 8-byte boundary (mxfp4's rows of 4 or 12 bytes
+    included), so the kernels take 32- and 64-bit loads; rows moved off the boundary int4 or
+    mxfp4 needs are refused."""
     from qmoe.kernels.moe import fused_moe
 
-    spec, w = make(4, 2, 128, 128, "mxfp4", seed=4)
+    spec, w = make(4, 2, size, size, fmt, seed=4)
     kw = get_backend("triton").prepare(spec, w).meta["kernel_weights"]
-    assert kw.scale_words_aligned
-    shifted = torch.zeros(*kw.s13.shape[:2], kw.s13.shape[2] + 1, dtype=kw.s13.dtype, device=kw.s13.device)[..., 1:]
-    shifted.copy_(kw.s13)
-    bad = dataclasses.replace(kw, s13=shifted, counters=[])
-    assert not bad.scale_words_aligned
-    x, ids, tw = inputs(spec, 2, seed=1)
-    out = torch.empty(2, 128, dtype=torch.bfloat16, device=DEVICE)
-    with pytest.raises(ValueError, match="not 4-byte aligned"):
-        fused_moe(x, ids, tw, bad, 1.702, 1.0, 7.0, KernelConfig(16, 32, 32, False, k_unroll=2, scale_words=True), out)
+    assert kw.scale_row_align == 8 and kw.scale_words_level() == (2, None)
+    esize = kw.s13.element_size()
+    for shift in (1, need // 2 // esize):       # rows moved by `shift` elements: off a need-byte boundary
+        bad = _shift_scale_rows(kw, shift)
+        assert bad.scale_row_align == min(shift * esize & -(shift * esize), kw.scale_row_align)
+        assert bad.scale_words_level()[0] == 0
+        x, ids, tw = inputs(spec, 2, seed=1)
+        out = torch.empty(2, size, dtype=torch.bfloat16, device=DEVICE)
+        cfg = KernelConfig(16, 32, 32, False, k_unroll=2, scale_words=True)
+        with pytest.raises(ValueError, match=f"not {need}-byte aligned"):
+            fused_moe(x, ids, tw, bad, 1.702, 1.0, 7.0, cfg, out)
 
 
 def test_split_k_configs_are_not_invariant_and_refuse_bad_counts():

@@ -74,21 +74,18 @@ lop3.b32 a, a, 0x80C080C0, b, 0xEA; mul.rn.bf16x2 a, a, k; mul.rn.bf16x2 $3, a, 
 }
 """)
 
-# int4 (layout.INT4_WORD_BITS: byte i = c_i | c_{4+i} << 4; the pairs and scales as for E2M1, so
-# $0 = (c0, c1), $1 = (c2, c3), $2 = (c4, c5), $3 = (c6, c7)): prmt spreads bytes 0,1 (2,3) into
-# 16-bit lanes; bf16 0x4300 | u is 128 + u exactly for u < 128; u = code ^ 8 maps -8..7 to
-# 0..15, so (0x4300 | (code ^ 8)) - 136 is the signed value; then x scale.
-# lop3 0x6A = (a & b) ^ c.
+# int4 (layout.INT4_WORD_BITS: pair j at nibble j of each 16-bit lane; the pairs and scales as for
+# E2M1, so $0 = (c0, c1), $1 = (c2, c3), $2 = (c4, c5), $3 = (c6, c7)): bf16 0x4300 | u is 128 + u
+# exactly for u < 128; u = code ^ 8 maps -8..7 to 0..15, so (0x4300 | (code ^ 8)) - 136 is the
+# signed value; then x scale. lop3 0x6A = (a & b) ^ c. 15 instructions per 8 weights.
 _ASM_INT4 = tl.constexpr("""
 {
-.reg .b32 t0, t1, a, k;
+.reg .b32 t, a, k;
 mov.b32 k, 0x43084308;
-prmt.b32 t0, $4, 0, 0x4140;
-prmt.b32 t1, $4, 0, 0x4342;
-lop3.b32 a, t0, 0x000F000F, k, 0x6A; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $0, a, $5;
-lop3.b32 a, t1, 0x000F000F, k, 0x6A; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $1, a, $6;
-shr.b32 a, t0, 4; lop3.b32 a, a, 0x000F000F, k, 0x6A; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $2, a, $7;
-shr.b32 a, t1, 4; lop3.b32 a, a, 0x000F000F, k, 0x6A; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $3, a, $8;
+lop3.b32 a, $4, 0x000F000F, k, 0x6A; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $0, a, $5;
+shr.b32 t, $4, 4; lop3.b32 a, t, 0x000F000F, k, 0x6A; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $1, a, $6;
+shr.b32 t, $4, 8; lop3.b32 a, t, 0x000F000F, k, 0x6A; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $2, a, $7;
+shr.b32 t, $4, 12; lop3.b32 a, t, 0x000F000F, k, 0x6A; sub.rn.bf16x2 a, a, k; mul.rn.bf16x2 $3, a, $8;
 }
 """)
 
@@ -163,8 +160,8 @@ def _pair_codes(w_rows, c, G: tl.constexpr, FMT: tl.constexpr):
     q = tl.arange(0, G // 2)
     w = tl.load((w_rows + (c * G + 4 * q)[None, :]).to(tl.pointer_type(tl.uint32)))
     if FMT == 2:   # layout.INT4_WORD_BITS
-        return (_interleave2(w & 0xF, (w >> 8) & 0xF), _interleave2((w >> 16) & 0xF, (w >> 24) & 0xF),
-                _interleave2((w >> 4) & 0xF, (w >> 12) & 0xF), _interleave2((w >> 20) & 0xF, (w >> 28) & 0xF))
+        return (_interleave2(w & 0xF, (w >> 16) & 0xF), _interleave2((w >> 4) & 0xF, (w >> 20) & 0xF),
+                _interleave2((w >> 8) & 0xF, (w >> 24) & 0xF), _interleave2((w >> 12) & 0xF, (w >> 28) & 0xF))
     else:          # layout.E2M1_WORD_BITS
         return (_interleave2(_word_code(w, 6, 7, 8, 15), _word_code(w, 22, 23, 24, 31)),
                 _interleave2(_word_code(w, 2, 3, 4, 11), _word_code(w, 18, 19, 20, 27)),
@@ -181,26 +178,42 @@ def _chunk_scales(s_rows, c):
 
 @triton.jit
 def _pair_scales(s_rows, c, FMT: tl.constexpr):
-    """Raw scales of chunks c and c + 1 (c even) from 32-bit loads, (lo_c, hi_c, lo_c+1, hi_c+1):
-    one word for one-byte scales (E8M0, E4M3), one per chunk for int4's bf16. A 32-bit load can
-    be staged through shared memory by cp.async with the weights (Triton pipelines it); one-byte
-    loads cannot, and every loop iteration then waits on memory for its scales. Needs 4-byte
-    aligned words: row strides of the scales are multiples of 4 bytes (Kp / G with Kp a multiple
-    of 128) and c is even."""
-    w = tl.load((s_rows + 2 * c).to(tl.pointer_type(tl.uint32)))
+    """Raw scales of chunks c and c + 1 (c even) from one load, (lo_c, hi_c, lo_c+1, hi_c+1): a
+    32-bit word of one-byte scales (E8M0, E4M3), a 64-bit one of int4's bf16. A 32- or 64-bit
+    load can be staged through shared memory by cp.async with the weights (Triton pipelines it);
+    one-byte loads cannot, and every loop iteration then waits on memory for its scales. Needs
+    the scale rows aligned to the load's size (MoEKernelWeights.scale_row_align; c even)."""
     if FMT == 2:
-        v = tl.load((s_rows + 2 * c + 2).to(tl.pointer_type(tl.uint32)))
+        d = tl.load((s_rows + 2 * c).to(tl.pointer_type(tl.uint64)))
+        w = d.to(tl.uint32)
+        v = (d >> 32).to(tl.uint32)
         return w & 0xFFFF, w >> 16, v & 0xFFFF, v >> 16
-    else:
-        return w & 0xFF, (w >> 8) & 0xFF, (w >> 16) & 0xFF, w >> 24
+    w = tl.load((s_rows + 2 * c).to(tl.pointer_type(tl.uint32)))
+    return w & 0xFF, (w >> 8) & 0xFF, (w >> 16) & 0xFF, w >> 24
+
+
+@triton.jit
+def _quad_byte_scales(s_rows, c):
+    """One-byte scales of chunks c .. c + 3 (c a multiple of 4; rows 8-byte aligned) from one
+    64-bit load: (lo_c, hi_c, ..., lo_c+3, hi_c+3)."""
+    d = tl.load((s_rows + 2 * c).to(tl.pointer_type(tl.uint64)))
+    w = d.to(tl.uint32)
+    v = (d >> 32).to(tl.uint32)
+    return (w & 0xFF, (w >> 8) & 0xFF, (w >> 16) & 0xFF, w >> 24,
+            v & 0xFF, (v >> 8) & 0xFF, (v >> 16) & 0xFF, v >> 24)
 
 
 @triton.jit
 def _group_scales(s_rows, c0, U: tl.constexpr, FMT: tl.constexpr, WORDS: tl.constexpr):
     """The raw scales of chunks c0 .. c0 + U - 1 (U and c0 even: whole pairs), (lo, hi) of each in
-    turn: 2U values; WORDS: read two chunks per 32-bit load (`_pair_scales`)."""
+    turn: 2U values. WORDS 0: a load per scale; 1: two chunks per load (`_pair_scales`); 2 (scale
+    rows 8-byte aligned): also four chunks of one-byte scales per 64-bit load, where U is a
+    multiple of 4 (c0 then is too)."""
     t = ()
-    if WORDS:
+    if WORDS == 2 and FMT != 2 and U % 4 == 0:
+        for u in tl.static_range(0, U, 4):
+            t = t + _quad_byte_scales(s_rows, c0 + u)
+    elif WORDS > 0:
         for u in tl.static_range(0, U, 2):
             t = t + _pair_scales(s_rows, c0 + u, FMT)
     else:

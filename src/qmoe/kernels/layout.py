@@ -24,7 +24,9 @@ Kernel layout ("paired half tiles"), per matrix [E, N, K]:
   (E2M1_WORD_BITS, INT4_WORD_BITS: see there).
 - Scales keep their canonical order [E, Np, Kp/G] (half j uses scale j: a quad's four halves
   use four consecutive scales), stored as raw bytes: uint8 (E8M0 for mxfp4, E4M3 bits for
-  nvfp4) or int16 (bf16 bits for int4).
+  nvfp4) or int16 (bf16 bits for int4). Each row starts on an 8-byte boundary (mxfp4 rows of
+  Kp/32 bytes are padded to a multiple of 8), so the kernels read two chunks' int4 scales, or
+  four chunks' one-byte ones, per 64-bit load.
 
 - nvfp4 scales may be stored as codes instead (`nvfp4_scale_codes`): one byte that becomes the
   bf16 the GPU decode multiplies by (E4M3 x 2^118) in one integer instruction, where the raw
@@ -58,9 +60,10 @@ mantissa boundary (bits 6..8): value x 2^-126, exact (0.5 is a subnormal). 9 int
 instructions per 8 weights. The decode needs a word's two 16-bit elements in one thread, in
 order, as every MMA operand register layout of bf16 keeps them."""
 
-INT4_WORD_BITS = tuple((8 * i, 8 * i + 1, 8 * i + 2, 8 * i + 3) for i in range(4)) + \
-    tuple((8 * i + 4, 8 * i + 5, 8 * i + 6, 8 * i + 7) for i in range(4))
-"""int4 codes: byte i holds c_i in its low nibble and c_{4+i} in its high nibble."""
+INT4_WORD_BITS = tuple(tuple(16 * (i % 2) + 4 * (i // 2) + b for b in range(4)) for i in range(8))
+"""int4 codes: pair j = (c_2j, c_2j+1) sits at nibble j of the low and of the high 16-bit half,
+so that (word >> 4j) & 0x000F000F is pair j with one code in each bf16 lane: one shift and one
+mask per pair, 3 shifts per word."""
 
 
 def round_up(x: int, m: int) -> int:
@@ -127,7 +130,9 @@ def to_kernel_layout(data: torch.Tensor, scales: torch.Tensor, block: int, halve
     halves: 2 for w13 (gate and up halves padded separately), 1 otherwise;
     word_bits: None, E2M1_WORD_BITS or INT4_WORD_BITS (bit positions inside 4-byte words).
     Returns (data [E, Np, Kp/2] uint8, scales [E, Np, Kp/block] uint8 or int16), where
-    Np = halves * round_up(N / halves, 128) and Kp = round_up(K, 128).
+    Np = halves * round_up(N / halves, 128) and Kp = round_up(K, 128). The scales are a view
+    whose rows start on 8-byte boundaries (their row stride is rounded up to 8 bytes), so that
+    the kernels can read them as 64-bit words (MoEKernelWeights.scale_row_align).
     Works one expert at a time, so the temporaries are one expert's codes.
     """
     E, N, K2 = data.shape
@@ -137,7 +142,8 @@ def to_kernel_layout(data: torch.Tensor, scales: torch.Tensor, block: int, halve
     C = chunk_of(block)
     raw = _raw_scales(scales)
     out_d = torch.empty(E, halves * nhp, Kp // 2, dtype=torch.uint8, device=data.device)
-    out_s = torch.empty(E, halves * nhp, Kp // block, dtype=raw.dtype, device=data.device)
+    row = round_up(Kp // block, 8 // raw.element_size())
+    out_s = torch.zeros(E, halves * nhp, row, dtype=raw.dtype, device=data.device)[..., :Kp // block]
     for e in range(E):
         codes = _unpack(data[e])
         for h in range(halves):

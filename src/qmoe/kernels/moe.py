@@ -52,8 +52,10 @@ class KernelConfig:
     warps/stages per GEMM; split_k: GEMM2 as this many K parts per tile (partial sums added in
     the combine, in a fixed order); split_k1: GEMM1 as this many K parts per tile (the tile's
     last program adds the fp32 partial sums in split order, then runs the SwiGLU epilogue);
-    scale_words: load the scales of two K chunks per 32-bit load, which Triton
-    stages through shared memory with the weights; one-byte scale loads are not pipelined;
+    scale_words: load the scales as 32-bit words (two K chunks of one-byte scales) and, where
+    the scale rows are 8-byte aligned, 64-bit ones (four chunks of one-byte scales, two of
+    int4's bf16; int4 needs them), which Triton stages through shared memory with the weights;
+    one-byte scale loads are not pipelined;
     direct: group the slots inside the GEMMs (no grouping launch; used when M * k <=
     DIRECT_MAX_SLOTS, else the grouping kernels run); pdl: launch each kernel with
     programmatic dependent launch (it starts while the previous one finishes and waits on the
@@ -109,8 +111,9 @@ class MoEKernelWeights:
     """Expert weights in the kernel layout (see kernels/layout.py).
 
     w13: [E, 2Ip, Hp/2] uint8; s13: [E, 2Ip, Hp/G] uint8 | int16; w2: [E, Hp, Ip/2] uint8;
-    s2: [E, Hp, Ip/G]; gs13, gs2: [E] fp32 (nvfp4 global scales, else None);
-    b13: [E, 2Ip] fp32 or None; b2: [E, Hp] fp32 or None. H, I: logical sizes.
+    s2: [E, Hp, Ip/G] (s13 and s2 are views whose rows are padded to 8 bytes: kernels/layout.py);
+    gs13, gs2: [E] fp32 (nvfp4 global scales, else None); b13: [E, 2Ip] fp32 or None;
+    b2: [E, Hp] fp32 or None. H, I: logical sizes.
     fold13 / fold2: the matrix's scales take the short decode: mxfp4, one multiply per pair
     (MXFP4_FOLD_MAX); nvfp4, the scales are stored as codes (layout.nvfp4_scale_codes: one integer
     instruction each instead of about ten; used where layout.nvfp4_codes_problem finds none);
@@ -136,10 +139,28 @@ class MoEKernelWeights:
     """GEMM1's split-K counters for calls on these weights (`split_counters`)."""
 
     @functools.cached_property
-    def scale_words_aligned(self) -> bool:
-        """Whether every row of s13 and s2 starts on a 4-byte boundary (KernelConfig.scale_words
-        reads them as 32-bit words); checked once per set of weights, not per call."""
-        return not any(s.stride(1) * s.element_size() % 4 or s.data_ptr() % 4 for s in (self.s13, self.s2))
+    def scale_row_align(self) -> int:
+        """The largest of 8, 4, 2, 1 bytes that every row of s13 and s2 starts on a multiple of
+        (KernelConfig.scale_words reads them as 32- or 64-bit words); checked once per set of
+        weights, not per call. kernels/layout.py pads each scale row to 8 bytes, which makes it 8.
+        The kernels read element (e, n, j) at e * stride(0) + n * stride(1) + j: rows may be
+        padded, but each row's scales must be contiguous and the experts evenly spaced."""
+        align = 8
+        for s in (self.s13, self.s2):
+            if s.stride(2) != 1 or s.stride(0) != s.shape[1] * s.stride(1):
+                raise ValueError(f"scales of strides {tuple(s.stride())} for shape {tuple(s.shape)}: the kernels "
+                                 f"need contiguous rows and experts spaced by shape[1] rows")
+            while align > 1 and (s.stride(1) * s.element_size() % align or s.data_ptr() % align):
+                align //= 2
+        return align
+
+    def scale_words_level(self) -> tuple[int, str | None]:
+        """(the kernels' WORDS: 2 = 64-bit scale loads as well, 1 = 32-bit ones only, 0 = none; why
+        not 2, or None): int4's bf16 scales of two chunks are 8 bytes, so int4 needs 8-byte rows."""
+        need = 8 if self.fmt == "int4" else 4
+        if self.scale_row_align < need:
+            return 0, f"the scale rows are not {need}-byte aligned"
+        return (2 if self.scale_row_align >= 8 else 1), None
 
     @property
     def E(self) -> int:
@@ -207,8 +228,9 @@ class MoEKernelWeights:
 
     @property
     def nbytes(self) -> int:
+        """Bytes the weights hold on the device, the scales' row padding included."""
         ts = (self.w13, self.s13, self.w2, self.s2, self.gs13, self.gs2, self.b13, self.b2)
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+        return sum(t.shape[0] * t.stride(0) * t.element_size() for t in ts if t is not None)
 
 
 @dataclass
@@ -302,10 +324,13 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     launch = {"launch_pdl": True} if pdl else {}
     direct = cfg.direct and MK <= DIRECT_MAX_SLOTS
     ids = topk_ids.reshape(-1)
-    words = cfg.scale_words
-    if words and not weights.scale_words_aligned:
-        raise ValueError("cfg.scale_words: the scale rows are not 4-byte aligned (kernels/layout.py pads K to a "
-                         "multiple of 128, which makes them so)")
+    words = 0
+    weights.scale_row_align   # the scales' strides, checked once per set of weights (raises if unreadable)
+    if cfg.scale_words:
+        words, why = weights.scale_words_level()
+        if why:
+            raise ValueError(f"cfg.scale_words: {why} (kernels/layout.py pads K to a multiple of 128, which makes "
+                             f"them so)")
     if direct:  # the GEMMs find their blocks from the ids: no grouping launch
         NB, sorted_slots, block_expert = max_blocks(MK, E, BM), ids, ids
         mkp = max(16, triton.next_power_of_2(MK))
