@@ -160,9 +160,9 @@ def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", bat
     (token, expert) slots; 32-row blocks up to ~48 tokens per expert, then 128-row blocks
     (int4 from 32 rows up with the weight as the MMA's first operand; refused for the E2M1
     formats until qualified: see kernels/moe.py). batch_invariant: 32-row blocks beyond
-    (`invariant`). The scales are
-    loaded as 32-bit words everywhere: the same bits, faster in every case measured (decode in
-    session 5, prefill in session 6)."""
+    (`invariant`). The scales are loaded as 32- and 64-bit words everywhere: the same bits,
+    faster or within the spread in every case measured (32-bit: decode in session 5, prefill in
+    session 6; 64-bit: session 8)."""
     from ...kernels.moe import KernelConfig
 
     swap = fmt == "int4" and not batch_invariant
@@ -185,10 +185,12 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     """Launch configurations worth timing at m tokens (a handful per regime, so that tuning three
     presets fits in minutes): decode tiles of 16 rows with the grouping inside the GEMMs and
     programmatic dependent launch, and without (the default), with GEMM2 tiles of 64 or 128
-    columns (nvfp4 also with 2 warps); split-K (2 or 4 parts, GEMM1 and GEMM2) when almost every
-    expert sees one token; 32- and 64-row blocks in between; 128-row blocks for prefill (int4 also
+    columns (nvfp4 also with 2 warps), or with more loads in flight (4 stages, 8 chunks per stage,
+    8 warps, 32-column GEMM1 tiles); split-K (2 or 4 parts, GEMM1 and GEMM2) when almost every
+    expert sees one token, and GEMM1 in two parts up to 4 tokens per expert (twice the programs,
+    for a short last wave); 32- and 64-row blocks in between; 128-row blocks for prefill (int4 also
     with the weight as the MMA's first operand, refused for the E2M1 formats until qualified).
-    All load the scales as 32-bit words (`default_config`)."""
+    All load the scales as 32- or 64-bit words (`default_config`)."""
     from ...kernels.moe import KernelConfig as C
 
     per_expert = m * top_k / num_experts
@@ -198,11 +200,18 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
         out += [C(16, 32, 64, False, 4, 3, 4, **fast), C(16, 64, 64, False, 4, 3, 4, **fast),
                 C(16, 64, 64, False, 4, 3, 4, pdl=True), C(16, 64, 128, False, 4, 3, 4, **fast),
                 C(16, 64, 128, False, 4, 3, 4, pdl=True)]
+        # more bytes in flight per SM: a fourth stage, 8 chunks per stage, 8 warps over 128 columns;
+        # or 32-column GEMM1 tiles at 80 registers (int4, mxfp4; 123 at 64 columns: more programs per SM)
+        lat = fast or dict(pdl=True)
+        out += [C(16, 64, 128, False, 4, 4, 4, **lat), C(16, 64, 128, False, 4, 2, 8, **lat),
+                C(16, 128, 128, False, 8, 3, 4, **lat), C(16, 32, 128, False, 4, 4, 4, **lat)]
         if fmt == "nvfp4":  # 2 warps: 3-4% faster for qwen3-30b-a3b at M = 16 and 64, slower elsewhere (session 6)
             out += [C(16, 64, 128, False, 2, 3, 4, **fast), C(16, 64, 128, False, 2, 3, 4, pdl=True)]
         if per_expert <= 0.5:  # few active experts: split-K, 2 or 4 K parts per tile, in GEMM2 and GEMM1
             out += [C(16, 64, 64, False, 4, 3, u, split_k=s2, split_k1=s1, **fast)
                     for s1, s2, u in ((1, 2, 4), (2, 4, 2), (2, 2, 4), (4, 4, 2))]
+        if per_expert <= 4:  # tiles of half the K: a wave's worth more programs where the last wave is short
+            out += [C(16, 64, 128, False, 4, 3, 4, split_k=s2, split_k1=s1, **lat) for s1, s2 in ((2, 1), (2, 2))]
     if 2 <= per_expert <= 64:
         out += [C(32, 64, 64, False, 4, 3, 2), C(64, 64, 64, False, 4, 3, 2), C(32, 128, 128, False, 8, 3, 2),
                 C(64, 128, 128, False, 8, 3, 2), C(32, 64, 128, False, 4, 3, 2)]
