@@ -12,12 +12,13 @@
 #   bash scripts/device/qualify.sh ncu      # hardware counters of the decode GEMMs, qmoe's and the peers'
 #   bash scripts/device/qualify.sh a b ...  # several steps in one call
 #
-# The peers come from the git-ignored .peers/ folder (carry it): triton_kernels (vLLM's vendored
-# copy as a top-level package), vllm/_moe_C*.so (Marlin's op library) and wheels/humming*.whl
-# (installed to /tmp/site here). FlashInfer joins when .whl/ and .fi_build/ are carried
-# (scripts/device/flashinfer_build.py). Results go to $OUT (at most 8 files come back: one log per
-# step, and the JSON results); the tables `tune` writes live in $XDG_CACHE_HOME (default
-# /tmp/qmoe_cache) for the later steps of the machine's life and are copied to $OUT at the end.
+# The peers come from the git-ignored .peers/ folder (carry it; scripts/dev/fetch_peers.sh builds
+# it): triton_kernels (vLLM's vendored copy as a top-level package), vllm/_moe_C*.so (Marlin's op
+# library) and wheels/humming*.whl (installed to /tmp/site here). FlashInfer joins when .whl/ and
+# .fi_build/ are carried (scripts/device/flashinfer_build.py). Results go to $OUT (at most 8 files
+# come back: one log per step, and the JSON results); the tables `tune` writes live in
+# $XDG_CACHE_HOME (default /tmp/qmoe_cache) for the later steps of the machine's life and are
+# copied to $OUT at the end.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
