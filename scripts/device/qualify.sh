@@ -48,7 +48,7 @@ step() {
       python3 -m qmoe env > "$OUT/gpu_tests.log" 2>&1; grep -E "^(triton|humming|vllm|triton_kernels|torch) " "$OUT/gpu_tests.log"
       for t in ${TEST_DIRS:-tests/kernels tests/routing tests/backends tests/parallel tests/integrations}; do
         echo "--- $t" >> "$OUT/gpu_tests.log"
-        timeout ${T_TEST:-150} python3 -m pytest -q -m gpu --timeout 140 -p no:cacheprovider -rfEs --tb=short \
+        timeout ${T_TEST:-300} python3 -m pytest -q -m gpu --timeout 140 -p no:cacheprovider -rfEs --tb=short \
           "$t" >> "$OUT/gpu_tests.log" 2>&1
         echo "$t rc=$?: $(grep -E '(passed|failed|error|skipped|deselected)( |,|$)' "$OUT/gpu_tests.log" | tail -1)"
       done
