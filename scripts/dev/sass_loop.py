@@ -10,8 +10,8 @@ Arguments carry the divisibility facts a real launch gives Triton (pointers and 
 divisible by 16; without them the same source compiles to one-byte loads). The main loop is the
 longest backward branch of the SASS. Options: --block-m, --block-n, --k-unroll, --warps,
 --stages, --split, --words (the scales' loads: 2 = 32- and 64-bit, 1 = 32-bit but int4's
-64-bit pairs, 0 = one per scale), --swap (1: the weight first), --triton (where Triton 3.6 lies), --sass FILE (keep the
-whole SASS), --ttgir FILE (keep the TTGIR, for the layouts).
+64-bit pairs, 0 = one per scale), --swap (1: the weight first), --triton (where Triton 3.6
+lies), --sass FILE (keep the whole SASS), --ttgir FILE (keep the TTGIR, for the layouts).
 """
 
 import argparse

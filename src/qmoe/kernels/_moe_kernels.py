@@ -184,21 +184,24 @@ def _pair_scales(s_rows, c, FMT: tl.constexpr):
     one-byte loads cannot, and every loop iteration then waits on memory for its scales. Needs
     the scale rows aligned to the load's size (MoEKernelWeights.scale_row_align; c even)."""
     if FMT == 2:
-        d = tl.load((s_rows + 2 * c).to(tl.pointer_type(tl.uint64)))
-        w = d.to(tl.uint32)
-        v = (d >> 32).to(tl.uint32)
+        w, v = _load_u64(s_rows + 2 * c)
         return w & 0xFFFF, w >> 16, v & 0xFFFF, v >> 16
     w = tl.load((s_rows + 2 * c).to(tl.pointer_type(tl.uint32)))
     return w & 0xFF, (w >> 8) & 0xFF, (w >> 16) & 0xFF, w >> 24
 
 
 @triton.jit
+def _load_u64(p):
+    """One 64-bit load at byte pointers p (8-byte aligned) -> its (low, high) 32-bit halves."""
+    d = tl.load(p.to(tl.pointer_type(tl.uint64)))
+    return d.to(tl.uint32), (d >> 32).to(tl.uint32)
+
+
+@triton.jit
 def _quad_byte_scales(s_rows, c):
     """One-byte scales of chunks c .. c + 3 (c a multiple of 4; rows 8-byte aligned) from one
     64-bit load: (lo_c, hi_c, ..., lo_c+3, hi_c+3)."""
-    d = tl.load((s_rows + 2 * c).to(tl.pointer_type(tl.uint64)))
-    w = d.to(tl.uint32)
-    v = (d >> 32).to(tl.uint32)
+    w, v = _load_u64(s_rows + 2 * c)
     return (w & 0xFF, (w >> 8) & 0xFF, (w >> 16) & 0xFF, w >> 24,
             v & 0xFF, (v >> 8) & 0xFF, (v >> 16) & 0xFF, v >> 24)
 

@@ -324,13 +324,12 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     launch = {"launch_pdl": True} if pdl else {}
     direct = cfg.direct and MK <= DIRECT_MAX_SLOTS
     ids = topk_ids.reshape(-1)
-    words = 0
-    weights.scale_row_align   # the scales' strides, checked once per set of weights (raises if unreadable)
-    if cfg.scale_words:
-        words, why = weights.scale_words_level()
-        if why:
-            raise ValueError(f"cfg.scale_words: {why} (kernels/layout.py pads K to a multiple of 128, which makes "
-                             f"them so)")
+    words, why = weights.scale_words_level()   # also checks the scales' strides (raises if unreadable)
+    if not cfg.scale_words:
+        words = 0
+    elif why:
+        raise ValueError(f"cfg.scale_words: {why} (kernels/layout.py pads each scale row to 8 bytes, which makes "
+                         f"them so)")
     if direct:  # the GEMMs find their blocks from the ids: no grouping launch
         NB, sorted_slots, block_expert = max_blocks(MK, E, BM), ids, ids
         mkp = max(16, triton.next_power_of_2(MK))
