@@ -8,7 +8,7 @@ session-6 counters found to be what the decode GEMMs wait on (docs/performance.m
 
 Arguments carry the divisibility facts a real launch gives Triton (pointers and row strides
 divisible by 16; without them the same source compiles to one-byte loads). The main loop is the
-longest backward branch of the SASS. Options: --block-m, --block-n, --k-unroll, --warps,
+loop with the most MMAs (then cp.async, then length). Options: --block-m, --block-n, --k-unroll, --warps,
 --stages, --split, --words (the scales' loads: 2 = 32- and 64-bit, 1 = 32-bit but int4's
 64-bit pairs, 0 = one per scale), --swap (1: the weight first), --triton (where Triton 3.6
 lies), --sass FILE (keep the whole SASS), --ttgir FILE (keep the TTGIR, for the layouts).
@@ -62,17 +62,23 @@ def compile_kernel(args):
 
 
 def main_loop(sass: str) -> list[str]:
-    """The instructions (opcode and operands) of the longest backward branch's loop."""
+    """The instructions (opcode and operands) of the main K loop: of the loops (backward
+    branches), the one with the most MMAs, then the most cp.async (the pipelined main loop rather
+    than the kernels' unpipelined remainder loop, which can be longer: the weight-first ones),
+    then the longest."""
     ins = [(int(m.group(1), 16), m.group(2)) for m in
            (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s*(.*?);", line) for line in sass.splitlines()) if m]
-    best = None
+    best, best_key = None, None
     for addr, text in ins:
         m = re.search(r"BRA\s+0x([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < addr and (best is None or addr - int(m.group(1), 16) > best[1] - best[0]):
-            best = (int(m.group(1), 16), addr)
+        if m and int(m.group(1), 16) < addr:
+            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            key = (sum("MMA" in t for t in body), sum("LDGSTS" in t for t in body), len(body))
+            if best_key is None or key > best_key:
+                best, best_key = body, key
     if best is None:
         raise SystemExit("no loop found in the SASS")
-    return [text for addr, text in ins if best[0] <= addr <= best[1]]
+    return best
 
 
 def main():
