@@ -200,6 +200,17 @@ def test_scale_words_refuse_scale_rows_off_their_boundary(fmt, size, need):
             fused_moe(x, ids, tw, bad, 1.702, 1.0, 7.0, cfg, out)
 
 
+def test_weight_first_is_never_batch_invariant_nor_its_default():
+    """swap is outside the batch-invariant family, and batch-invariant defaults never take it."""
+    from qmoe.backends.triton import configs
+
+    assert not configs.invariant(KernelConfig(16, 64, 64, True))
+    for m in (1, 16, 64, 256, 1024, 4096, 8192, 65536):
+        for fmt in FORMATS:
+            assert not configs.default_config(m, 8, 128, fmt, batch_invariant=True).swap
+            assert configs.invariant(configs.default_config(m, 8, 128, fmt, batch_invariant=True))
+
+
 def test_split_k_configs_are_not_invariant_and_refuse_bad_counts():
     from qmoe.backends.triton.configs import invariant
 
@@ -392,16 +403,52 @@ def test_large_scales_on_gpu(fmt):
         assert err < TOL, f"{fmt} M={M}: {err}"
 
 
-def test_swap_is_refused_for_e2m1():
-    """The E2M1 decode with the weight as the MMA's first operand is not qualified on a GPU yet:
-    such a configuration is refused with a reason before anything is launched."""
-    import qmoe.kernels.moe as km
-    spec, w = make(4, 2, 64, 64, "mxfp4")
-    kw = qmoe.MoE(spec, w, backend="triton").plan.prepared["triton"].meta["kernel_weights"]
-    x, ids, tw = inputs(spec, 3, seed=3)
-    out = torch.empty(3, 64, dtype=torch.bfloat16, device=DEVICE)
-    with pytest.raises(ValueError, match="swap=True is not available for mxfp4"):
-        km.fused_moe(x, ids, tw, kw, 1.702, 1.0, 7.0, KernelConfig(16, 32, 32, True), out)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("cfg", [KernelConfig(16, 32, 32, True, k_unroll=2), KernelConfig(32, 64, 64, True, k_unroll=4),
+                                 KernelConfig(64, 32, 64, True, k_unroll=2, scale_words=True),
+                                 KernelConfig(16, 32, 32, True, k_unroll=8)])
+def test_weight_first_matches_reference(fmt, cfg):
+    """The weight as the MMA's first operand (swap; nvfp4: one MMA per quad of K, the masked
+    remainder past H per half) for every format. H = 160 leaves a masked remainder in GEMM1
+    (mxfp4, int4: 2 whole chunks and a half one; nvfp4: 5 chunks, a half one); k_unroll 8 leaves
+    both GEMMs' chunks to the loops past the unrolled one (GEMM2's quads included)."""
+    spec, w = make(8, 4, 160, 96, fmt, seed=13)
+    b = get_backend("triton")
+    prep = b.prepare(spec, w)
+    x, ids, tw = inputs(spec, 19, seed=6)
+    out = torch.full((19, 160), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    b.forward(prep, x, ids, tw, out, config=cfg)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, reference_moe(spec, w, x, ids, tw)) < TOL
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, fmt", [("gpt-oss-120b", "mxfp4"), ("qwen3-30b-a3b", "nvfp4"), ("qwen3-30b-a3b", "int4")])
+def test_weight_first_on_gpu(name, fmt):
+    """The weight-first (swap) configurations the tuner tries, on preset shapes (wgmma with the
+    decoded weight as its register operand; nvfp4 one MMA per quad of K; gpt-oss's H = 2880 leaves
+    a remainder past the unrolled loop): the reference's answer, and the same bits twice."""
+    spec = qmoe.presets[name]
+    w = random_weights(spec, fmt, "cuda", seed=5, bias_std=0.5)
+    b = get_backend("triton")
+    prep = b.prepare(spec, w)
+    cfgs = [KernelConfig(bm, bn, bn, True, nw, 3, 2, scale_words=True)
+            for bm, bn, nw in ((128, 128, 8), (128, 64, 4), (64, 128, 8), (64, 64, 4), (32, 64, 4))]
+    for M in (64, 1500):
+        g = torch.Generator(device="cuda").manual_seed(M)
+        x = torch.randn(M, spec.hidden_size, device="cuda", generator=g).to(torch.bfloat16)
+        ids, tw = qmoe.route(spec, torch.randn(M, spec.num_experts, device="cuda", generator=g))
+        ref = reference_moe(spec, w, x, ids, tw)
+        for cfg in cfgs:
+            outs = []
+            for _ in range(2):
+                out = torch.full((M, spec.hidden_size), float("nan"), dtype=torch.bfloat16, device="cuda")
+                b.forward(prep, x, ids, tw, out, config=cfg)
+                outs.append(out)
+            assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1]), f"{cfg} M={M}"
+            err = rel_err(outs[0], ref)
+            assert err < TOL, f"{name} {fmt} {cfg} M={M}: {err}"
 
 
 # --- nothing silently wrong: NaN in, NaN out; bad ids never go out of bounds ----------------------

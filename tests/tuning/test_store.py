@@ -114,7 +114,6 @@ def test_a_directory_at_the_tuning_path_does_not_break_auto(tmp_path, monkeypatc
     ({"buckets": {"1": {"colour": 1}}}, "unknown config fields"),
     ({"buckets": {"x": {}}}, "bucket 'x' is not a positive token count"),
     ({"buckets": []}, "'buckets' is not a JSON object"),
-    ({"buckets": {"1": {"swap": True}}}, "swap=True is not available for mxfp4"),
 ])
 def test_triton_configs_are_checked_against_the_padded_shape_where_loaded(tmp_path, entry, why):
     """A user table whose config would launch too few tiles (output read from uninitialized

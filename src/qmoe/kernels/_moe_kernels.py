@@ -269,6 +269,22 @@ def _load_pair(w_rows, sc, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constex
 
 
 @triton.jit
+def _join_quad(h):
+    """A quad's four halves (lo_c, hi_c, lo_c+1, hi_c+1), [BN, G] each -> [BN, 4G] in K order (half t
+    at columns tG .. tG + G - 1). On the GPU it moves no data: a thread holds the same elements of
+    each half, and a 16-column MMA step sees 16 columns of one half.
+
+    Why: with the weight first (SWAP) on Hopper, Triton keeps wgmmas in flight past a dot only for
+    one dot per accumulator per loop iteration (k_unroll 2). nvfp4's halves (G = 16) are one MMA
+    step each, so one dot per quad is what lets them overlap the next quad's decode; for G = 32
+    its registers cost more than the overlap gives (docs/performance.md, session 9). The same
+    16-column steps in the same order, so the same sums."""
+    p = tl.join(tl.join(h[0], h[1]), tl.join(h[2], h[3]))      # [BN, G, 2, 2]: [n, j, a, b] = half 2b + a
+    p = tl.permute(p, (0, 3, 2, 1))                            # [n, b, a, j]
+    return tl.reshape(p, (p.shape[0], 4 * p.shape[3]))
+
+
+@triton.jit
 def _mma(acc, a, w, SWAP: tl.constexpr):
     """acc += a @ w.T; with SWAP the accumulator is transposed ([BN, BM]) so the dequantized
     weight is the MMA's first operand (from registers) and the gathered rows the second."""
@@ -276,6 +292,13 @@ def _mma(acc, a, w, SWAP: tl.constexpr):
         return tl.dot(w, tl.trans(a), acc)
     else:
         return tl.dot(a, tl.trans(w), acc)
+
+
+@triton.jit
+def _quad_rows(rows, mask, c, G: tl.constexpr, CDT: tl.constexpr):
+    """The rows' K columns of chunks c, c + 1 (4G, all inside the row: no column mask), [R, 4G] in
+    CDT; mask: the rows'."""
+    return tl.load(rows + (c * 2 * G + tl.arange(0, 4 * G))[None, :], mask=mask, other=0.0).to(CDT)
 
 
 @triton.jit
@@ -360,6 +383,9 @@ def _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg, su, c,
     (no memory traffic); MASK: x columns >= H read 0 too."""
     g = _load_pair(wg_rows, sg, c, BN, FMT, G, CDT, ASM, FOLD)
     u = _load_pair(wu_rows, su, c, BN, FMT, G, CDT, ASM, FOLD)
+    if SWAP and G == 16 and not MASK:   # one MMA per quad and matrix (`_join_quad`)
+        a = _quad_rows(x_rows, valid[:, None], c, G, CDT)
+        return _mma(acc_g, a, _join_quad(g), SWAP), _mma(acc_u, a, _join_quad(u), SWAP)
     for i in tl.static_range(4):
         k = c * 2 * G + i * G + tl.arange(0, G)
         if MASK:
@@ -377,6 +403,8 @@ def _gemm2_pair(acc, a_rows, valid, w_rows, sc, c, BN: tl.constexpr, FMT: tl.con
     """acc += intermediate rows (chunks c, c + 1) @ w2 rows (chunks c, c + 1)^T; sc: the raw scales
     of the pair's four halves; padding rows are not read."""
     w = _load_pair(w_rows, sc, c, BN, FMT, G, CDT, ASM, FOLD)
+    if SWAP and G == 16:   # one MMA per quad (`_join_quad`)
+        return _mma(acc, _quad_rows(a_rows, valid[:, None], c, G, CDT), _join_quad(w), SWAP)
     for i in tl.static_range(4):
         k = c * 2 * G + i * G + tl.arange(0, G)
         a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0).to(CDT)

@@ -92,13 +92,11 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.num_stages: expected 1..8, got {self.num_stages}")
 
     def problem_with(self, fmt: str, hidden_padded: int, intermediate_padded: int) -> str | None:
-        """Why this configuration cannot run weights of `fmt` padded to (Hp, Ip), or None.
+        """Why this configuration cannot run weights of `fmt` padded to (Hp, Ip), or None (every
+        configuration runs every format since session 9; `fmt` stays for the callers' sake).
 
         GEMM1 runs Ip / block_n1 column tiles and GEMM2 Hp / block_n2: a block that does not
         divide the padded size would leave output columns unwritten."""
-        if fmt != "int4" and self.swap:
-            return (f"swap=True is not available for {fmt}: the E2M1 decode with the weight as the MMA's first "
-                    f"(register) operand has not been qualified on a GPU yet (docs/performance.md, session 7)")
         if intermediate_padded % self.block_n1:
             return f"block_n1={self.block_n1} does not divide the padded intermediate size {intermediate_padded}"
         if hidden_padded % self.block_n2:
