@@ -14,8 +14,10 @@ arithmetic family run (configs.invariant: mma.sync blocks of 16 or 32 rows, no s
 so a token's output is bitwise the same whatever else is in the batch and whichever bucket's
 configuration runs (the grouping only decides which program computes a row, never the row's
 arithmetic; measured at 4096-token prefixes for mxfp4, int4 and nvfp4 on an H200). It costs
-nothing at decode but keeps prefill off the 128-row wgmma tiles (gpt-oss-120b: about 1.2-1.3x
-slower at M >= 4096, docs/performance.md), more than the 3% that would make it the default.
+nothing at decode but keeps prefill off the 128-row wgmma tiles and the weight-first GEMMs
+(gpt-oss-120b: about 1.2-1.3x slower at M >= 4096 in session 3; 1.6-1.9x in session 9's tuner
+first-pass times, not measured as a bench: docs/performance.md), more than the 3% that would
+make it the default.
 Switch it on before building a MoE:
 
     qmoe.backends.get_backend("triton").batch_invariant = True

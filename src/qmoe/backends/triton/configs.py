@@ -157,15 +157,17 @@ def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", bat
     """Launch configuration when no table entry exists (measured on an H200 at gpt-oss-120b
     shapes, docs/performance.md): 16-row blocks while experts see up to ~12 tokens, with the
     grouping inside the GEMMs and programmatic dependent launch while there are at most 32
-    (token, expert) slots; 32-row blocks up to ~48 tokens per expert, then 128-row blocks
-    (int4 from 32 rows up with the weight as the MMA's first operand; refused for the E2M1
-    formats until qualified: see kernels/moe.py). batch_invariant: 32-row blocks beyond
+    (token, expert) slots; 32-row blocks up to ~48 tokens per expert, then 128-row blocks, both
+    with the weight as the MMA's first operand (swap; session 9: the fastest configuration at
+    M >= 1024 for the three formats, and at M = 256 faster than the same 32-row block with the
+    weight second: 758 against 864 us for gpt-oss-120b, 244 against 249 for qwen3-30b-a3b, 3977
+    against 4343 for kimi-k2.5). batch_invariant: 32-row blocks beyond, the weight second
     (`invariant`). The scales are loaded as 32- and 64-bit words everywhere: the same bits,
     faster or within the spread in every case measured (32-bit: decode in session 5, prefill in
     session 6; 64-bit: session 8)."""
     from ...kernels.moe import KernelConfig
 
-    swap = fmt == "int4" and not batch_invariant
+    swap = not batch_invariant
     per_expert = m * top_k / num_experts
     if m * top_k <= 32:
         c = KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=4,
@@ -174,10 +176,8 @@ def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", bat
         c = KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=4)
     elif per_expert <= 48 or batch_invariant:
         c = KernelConfig(block_m=32, block_n1=64, block_n2=64, swap=swap, num_warps=4, num_stages=3, k_unroll=2)
-    elif swap:
-        c = KernelConfig(block_m=128, block_n1=64, block_n2=64, swap=True, num_warps=4, num_stages=3, k_unroll=2)
     else:
-        c = KernelConfig(block_m=128, block_n1=128, block_n2=128, swap=False, num_warps=8, num_stages=3, k_unroll=2)
+        c = KernelConfig(block_m=128, block_n1=64, block_n2=64, swap=True, num_warps=4, num_stages=3, k_unroll=2)
     return replace(c, scale_words=True)
 
 
@@ -188,8 +188,10 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     columns (nvfp4 also with 2 warps), or with more loads in flight (4 stages, 8 chunks per stage,
     8 warps, 32-column GEMM1 tiles); split-K (2 or 4 parts, GEMM1 and GEMM2) when almost every
     expert sees one token, and GEMM1 in two parts up to 4 tokens per expert (twice the programs,
-    for a short last wave); 32- and 64-row blocks in between; 128-row blocks for prefill (int4 also
-    with the weight as the MMA's first operand, refused for the E2M1 formats until qualified).
+    for a short last wave); 32- and 64-row blocks in between; 128-row blocks for prefill; from 2
+    tokens per expert also with the weight as the MMA's first operand (`swap`: a wgmma register
+    operand on Hopper), for prefill in 64-row blocks too (fewer registers), 4 stages or 4 chunks
+    per iteration.
     All load the scales as 32- or 64-bit words (`default_config`)."""
     from ...kernels.moe import KernelConfig as C
 
@@ -215,14 +217,14 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     if 2 <= per_expert <= 64:
         out += [C(32, 64, 64, False, 4, 3, 2), C(64, 64, 64, False, 4, 3, 2), C(32, 128, 128, False, 8, 3, 2),
                 C(64, 128, 128, False, 8, 3, 2), C(32, 64, 128, False, 4, 3, 2)]
-        if fmt == "int4":
-            out += [C(32, 64, 64, True, 4, 3, 2), C(64, 64, 64, True, 4, 3, 2)]
+        out += [C(32, 64, 64, True, 4, 3, 2), C(64, 64, 64, True, 4, 3, 2)]
     if per_expert >= 16:
         out += [C(128, 128, 128, False, 8, 3, 2), C(128, 64, 128, False, 4, 3, 2), C(128, 128, 64, False, 8, 3, 2),
                 C(64, 128, 128, False, 8, 3, 2), C(32, 128, 128, False, 8, 3, 2), C(32, 64, 128, False, 4, 3, 4),
                 C(32, 128, 64, False, 4, 3, 2)]
-        if fmt == "int4":
-            out += [C(128, 64, 64, True, 4, 3, 2), C(128, 128, 128, True, 8, 3, 2)]
+        out += [C(128, 64, 64, True, 4, 3, 2), C(128, 128, 128, True, 8, 3, 2), C(64, 128, 128, True, 8, 3, 2),
+                C(64, 64, 64, True, 4, 3, 2), C(64, 64, 64, True, 4, 4, 2), C(64, 64, 64, True, 4, 3, 4),
+                C(64, 128, 128, True, 8, 3, 4)]
     out = list(dict.fromkeys(replace(c, scale_words=True) for c in out))
     return [c for c in out if invariant(c)] if batch_invariant else out
 
