@@ -44,7 +44,10 @@ INVARIANCE = {
     "bm16 direct": replace(BASE, direct=True),
     "bm16 pdl": replace(BASE, pdl=True),
 }
-SWAPS = {"swap bm32": C(32, 64, 64, True, 4, 3, 2), "swap bm128": C(128, 64, 64, True, 4, 3, 2)}
+SWAPS = {"swap bm16": C(16, 64, 64, True, 4, 3, 4), "swap bm32": C(32, 64, 64, True, 4, 3, 2),
+         "swap bm64": C(64, 64, 64, True, 4, 3, 2), "swap bm128": C(128, 64, 64, True, 4, 3, 2),
+         "swap bm128 nw8": C(128, 128, 128, True, 8, 3, 2)}
+"""The weight first (every format since session 9): is it a batch-invariant family of its own?"""
 DECODE = {
     "bm16 n32": C(16, 32, 32, False, 4, 3, 4),
     "bm16 n64": BASE,
@@ -66,7 +69,7 @@ def rows_differing(a, b):
 DEVICE = "cuda"
 
 
-def probe(name, reps, smoke=False):
+def probe(name, reps, smoke=False, timing=True):
     spec = qmoe.presets[name]
     if smoke:  # a CPU run of this script itself (interpreter, tiny shapes): catches its own bugs
         from qmoe.cli.check.cases import quick_spec
@@ -82,8 +85,8 @@ def probe(name, reps, smoke=False):
     n = 32 if smoke else 256
     x = torch.randn(n, spec.hidden_size, device=DEVICE, generator=g).to(torch.bfloat16)
     ids, w = qmoe.route(spec, torch.randn(n, spec.num_experts, device=DEVICE, generator=g))
-    ref = None
-    configs = dict(INVARIANCE, **(SWAPS if fmt == "int4" else {}))
+    ref = ref_swap = None
+    configs = dict(INVARIANCE, **SWAPS)
     decode = DECODE
     if smoke:
         configs = dict(list(configs.items())[:2] + list(configs.items())[-2:])
@@ -92,14 +95,17 @@ def probe(name, reps, smoke=False):
         try:
             full = b.forward(prep, x, ids, w, torch.empty_like(x), config=cfg)
             ref = full if ref is None else ref
+            if cfg.swap and ref_swap is None:
+                ref_swap = full
             prefix = {m: rows_differing(b.forward(prep, x[:m].contiguous(), ids[:m].contiguous(),
                                                   w[:m].contiguous(), torch.empty_like(x[:m]), config=cfg),
                                         full[:m]) for m in (1, 3, 16)}
             res["invariance"][label] = {"config": asdict(cfg), "rows_vs_own_full_batch": prefix,
-                                        "rows_vs_mma16": rows_differing(full, ref), "finite": bool(torch.isfinite(full).all())}
+                                        "rows_vs_mma16": rows_differing(full, ref), "finite": bool(torch.isfinite(full).all()),
+                                        "rows_vs_swap16": rows_differing(full, ref_swap) if cfg.swap else None}
         except Exception as e:  # a configuration that does not compile or launch: recorded
             res["invariance"][label] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    for m in ((1, 4) if smoke else (1, 4, 16, 64)):
+    for m in ((1, 4) if smoke else (1, 4, 16, 64)) if timing else ():
         xm, im, wm = x[:m].contiguous(), ids[:m].contiguous(), w[:m].contiguous()
         want = b.forward(prep, xm, im, wm, torch.empty_like(xm), config=BASE)
         row = {}
@@ -125,25 +131,30 @@ def main():
     ap.add_argument("--presets", default="gpt-oss-120b,kimi-k2.5,qwen3-30b-a3b")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
+    ap.add_argument("--no-timing", action="store_true", help="only the invariance part")
     args = ap.parse_args()
     global DEVICE
     DEVICE = "cpu" if args.smoke else "cuda"
     out = []
     for name in args.presets.split(","):
         t0 = time.time()
-        out.append(probe(name, args.reps, args.smoke))
+        out.append(probe(name, args.reps, args.smoke, not args.no_timing))
         print(f"{name}: probed in {time.time() - t0:.0f} s", flush=True)
         path = os.path.join(os.environ.get("OUT", "."), "probe.json")
         with open(path, "w") as f:
             json.dump(out, f, indent=1)
     for r in out:
-        print(f"\n{r['preset']} {r['format']}: rows differing (prefix 1/3/16 vs own batch of 256; full vs mma16)")
+        print(f"\n{r['preset']} {r['format']}: rows differing (prefix 1/3/16 vs own batch of 256; full vs mma16, "
+              f"and the weight-first ones vs swap bm16)")
         for label, v in r["invariance"].items():
             if "error" in v:
                 print(f"  {label:20s} ERROR {v['error'][:120]}")
             else:
                 p = v["rows_vs_own_full_batch"]
-                print(f"  {label:20s} {p[1]}/{p[3]}/{p[16]}   vs mma16: {v['rows_vs_mma16']}")
+                swap = "" if v.get("rows_vs_swap16") is None else f"   vs swap bm16: {v['rows_vs_swap16']}"
+                print(f"  {label:20s} {p[1]}/{p[3]}/{p[16]}   vs mma16: {v['rows_vs_mma16']}{swap}")
+        if not r["timing"]:
+            continue
         labels = list(next(iter(r["timing"].values())))
         print("  M    " + " ".join(f"{lab[:18]:>18}" for lab in labels))
         for m, row in r["timing"].items():
