@@ -412,11 +412,11 @@ def test_weight_first_matches_reference(fmt, cfg):
     remainder past H per half) for every format. H = 160 leaves a masked remainder in GEMM1
     (mxfp4, int4: 2 whole chunks and a half one; nvfp4: 5 chunks, a half one); k_unroll 8 leaves
     both GEMMs' chunks to the loops past the unrolled one (GEMM2's quads included)."""
-    spec, w = make(8, 4, 160, 96, fmt, seed=13)
+    spec, w = make(4, 2, 160, 96, fmt, seed=13)
     b = get_backend("triton")
     prep = b.prepare(spec, w)
-    x, ids, tw = inputs(spec, 19, seed=6)
-    out = torch.full((19, 160), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    x, ids, tw = inputs(spec, 9, seed=6)
+    out = torch.full((9, 160), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     b.forward(prep, x, ids, tw, out, config=cfg)
     assert torch.isfinite(out).all()
     assert rel_err(out, reference_moe(spec, w, x, ids, tw)) < TOL
