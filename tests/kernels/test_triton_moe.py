@@ -14,6 +14,7 @@ import torch
 import qmoe
 from qmoe.backends import get_backend
 from qmoe.backends.reference import reference_moe
+import qmoe.kernels.moe as km
 from qmoe.kernels.moe import KernelConfig
 from qmoe.weights import random_weights
 
@@ -449,6 +450,70 @@ def test_weight_first_on_gpu(name, fmt):
             assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1]), f"{cfg} M={M}"
             err = rel_err(outs[0], ref)
             assert err < TOL, f"{name} {fmt} {cfg} M={M}: {err}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("cfg", [KernelConfig(32, 32, 32, False, k_unroll=2, tail_m=16),
+                                 KernelConfig(64, 32, 64, True, k_unroll=2, scale_words=True, tail_m=16)])
+def test_tail_blocks_match_reference(fmt, cfg):
+    """Tail blocks (tail_m): experts of 20, 10, 70 and 0 slots put 10 (both block sizes), 4
+    (32-row blocks) or 6 (64-row blocks) last rows in tail blocks and the rest in full blocks;
+    the output is the reference's, every row written."""
+    spec, w = make(4, 2, 64, 96, fmt, seed=17)
+    x, _, tw = inputs(spec, 50, seed=9, drop=0.0)
+    slots = torch.tensor([0] * 20 + [1] * 10 + [2] * 70, dtype=torch.int32)
+    ids = slots[torch.randperm(100, generator=torch.Generator().manual_seed(3))].reshape(50, 2).to(DEVICE)
+    grp = km.group_tokens(ids, 4, cfg.block_m, tail_m=cfg.tail_m)
+    assert int((grp.block_expert[grp.num_blocks:] >= 0).sum()) == 2   # the case meets tail blocks
+    b = get_backend("triton")
+    out = torch.full((50, 64), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    b.forward(b.prepare(spec, w), x, ids, tw, out, config=cfg)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, reference_moe(spec, w, x, ids, tw)) < TOL
+
+
+@pytest.mark.parametrize("kw, why", [(dict(block_m=64, tail_m=16), "swap"), (dict(block_m=32, tail_m=32), "tail_m"),
+                                     (dict(block_m=64, swap=True, tail_m=48), "tail_m"),
+                                     (dict(block_m=32, tail_m=16, split_k1=2), "split_k1")])
+def test_tail_blocks_refuse_what_would_change_bits(kw, why):
+    """A slot may land in a tail block in one run and a full one in the next (atomics rank the
+    slots), so both must give it the same bits: 64-row blocks with the weight second (wgmma)
+    against 16-row tails (mma.sync) are refused."""
+    with pytest.raises(ValueError, match=why):
+        KernelConfig(**kw)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, fmt", [("gpt-oss-120b", "mxfp4"), ("qwen3-30b-a3b", "nvfp4"), ("qwen3-30b-a3b", "int4")])
+def test_tail_blocks_on_gpu(name, fmt):
+    """Weight-first configurations with tail blocks, at M = 1500 for gpt-oss and 1000 for qwen3
+    (experts of 47 +- 7 and 62 +- 8 slots: tail blocks at every block size): the same bits as
+    the configuration without them (the rows of tail blocks, computed at tail_m rows, equal those
+    at block_m rows), the same bits twice, and the reference's answer."""
+    spec = qmoe.presets[name]
+    w = random_weights(spec, fmt, "cuda", seed=7, bias_std=0.5)
+    b = get_backend("triton")
+    prep = b.prepare(spec, w)
+    M = 1500 if name == "gpt-oss-120b" else 1000
+    g = torch.Generator(device="cuda").manual_seed(M)
+    x = torch.randn(M, spec.hidden_size, device="cuda", generator=g).to(torch.bfloat16)
+    ids, tw = qmoe.route(spec, torch.randn(M, spec.num_experts, device="cuda", generator=g))
+    ref = reference_moe(spec, w, x, ids, tw)
+    for bm, tm in ((128, 64), (64, 32), (32, 16)):
+        cfg = KernelConfig(bm, 64, 64, True, 4, 3, 2, scale_words=True)
+        outs = []
+        for c in (cfg, dataclasses.replace(cfg, tail_m=tm), dataclasses.replace(cfg, tail_m=tm)):
+            out = torch.full((M, spec.hidden_size), float("nan"), dtype=torch.bfloat16, device="cuda")
+            b.forward(prep, x, ids, tw, out, config=c)
+            outs.append(out)
+        grp = km.group_tokens(ids, spec.num_experts, bm, tail_m=tm)
+        tails = int((grp.parts()[1][2] >= 0).sum())
+        assert tails > 0, f"{bm}/{tm}: no tail blocks"   # their rows, computed at tm rows, are compared
+        assert torch.isfinite(outs[1]).all()
+        assert torch.equal(outs[1], outs[2]), f"{name} {fmt} {bm}/{tm}: two runs differ"
+        assert torch.equal(outs[0], outs[1]), f"{name} {fmt} {bm}/{tm}: tail blocks change bits"
+        assert rel_err(outs[1], ref) < TOL
 
 
 # --- nothing silently wrong: NaN in, NaN out; bad ids never go out of bounds ----------------------

@@ -627,11 +627,22 @@ def _rank_slots(ids_ptr, counts_ptr, rank_ptr, MK, E, start, CH: tl.constexpr):
 
 @triton.jit
 def _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB,
-                   BM: tl.constexpr, E_P2: tl.constexpr, NBT: tl.constexpr, FT: tl.constexpr):
-    """Padded start row of each expert; the expert of every block; -1 in every sorted row."""
+                   BM: tl.constexpr, E_P2: tl.constexpr, NBT: tl.constexpr, FT: tl.constexpr,
+                   TM: tl.constexpr, split_ptr, NT):
+    """Padded start row of each expert; the expert of every block; -1 in every sorted row.
+
+    TM > 0 (tail blocks): an expert whose last rows fit in TM rows (count % BM in 1..TM) puts them
+    in a tail block of TM rows instead of a padded block of BM; the NT tail blocks (at most one
+    per expert) follow the NB blocks of BM rows, in expert order. split_ptr[e] then holds expert
+    e's rows in blocks of BM (its first slots); starts_ptr[E + e] the start row of its tail block."""
     re = tl.arange(0, E_P2)
     cnt = tl.load(counts_ptr + re, mask=re < E, other=0, cache_modifier=".cg")
-    padded = (cnt + BM - 1) // BM * BM
+    if TM > 0:
+        r = cnt % BM
+        tail = (r > 0) & (r <= TM)
+        padded = (cnt - tl.where(tail, r, 0) + BM - 1) // BM * BM
+    else:
+        padded = (cnt + BM - 1) // BM * BM
     end = tl.cumsum(padded, axis=0)
     tl.store(starts_ptr + re, end - padded, mask=re < E)
     bend = tl.where(re < E, end // BM, 2147483647)
@@ -641,25 +652,44 @@ def _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB,
         # a block's expert = how many experts end at or before it (experts are contiguous)
         be = tl.sum((bend[None, :] <= rb[:, None]).to(tl.int32), axis=1)
         tl.store(block_expert_ptr + rb, tl.where(rb < nreal, be, -1), mask=rb < NB)
-    for p0 in range(0, NB * BM, FT):
+    rows = NB * BM
+    if TM > 0:
+        t = tail.to(tl.int32)
+        tend = tl.cumsum(t, axis=0)
+        tl.store(split_ptr + re, padded, mask=re < E)
+        tl.store(starts_ptr + E + re, NB * BM + (tend - t) * TM, mask=re < E)
+        tbend = tl.where(re < E, tend, 2147483647)
+        ntail = tl.sum(t, axis=0)
+        for b0 in range(0, NT, NBT):
+            rb = b0 + tl.arange(0, NBT)
+            be = tl.sum((tbend[None, :] <= rb[:, None]).to(tl.int32), axis=1)
+            tl.store(block_expert_ptr + NB + rb, tl.where(rb < ntail, be, -1), mask=rb < NT)
+        rows += NT * TM
+    for p0 in range(0, rows, FT):
         rp = p0 + tl.arange(0, FT)
-        tl.store(sorted_ptr + rp, tl.full((FT,), -1, dtype=tl.int32), mask=rp < NB * BM)
+        tl.store(sorted_ptr + rp, tl.full((FT,), -1, dtype=tl.int32), mask=rp < rows)
 
 
 @triton.jit
-def _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, E, start, CH: tl.constexpr):
+def _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, E, start, CH: tl.constexpr,
+                 TM: tl.constexpr, split_ptr):
     rs = start + tl.arange(0, CH)
     ids = tl.load(ids_ptr + rs, mask=rs < MK, other=-1)
     ok = (ids >= 0) & (ids < E)
+    e = tl.where(ok, ids, 0)
     r = tl.load(rank_ptr + rs, mask=ok, other=0)
-    st = tl.load(starts_ptr + tl.where(ok, ids, 0), mask=ok, other=0, cache_modifier=".cg")
+    st = tl.load(starts_ptr + e, mask=ok, other=0, cache_modifier=".cg")
+    if TM > 0:   # ranks past the expert's blocks of BM go to its tail block
+        full = tl.load(split_ptr + e, mask=ok, other=0, cache_modifier=".cg")
+        tst = tl.load(starts_ptr + E + e, mask=ok, other=0, cache_modifier=".cg")
+        st = tl.where(r < full, st, tst - full)
     tl.store(sorted_ptr + st + r, rs, mask=ok)
 
 
 @triton.jit
-def moe_group_small_kernel(ids_ptr, counts_ptr, starts_ptr, rank_ptr, sorted_ptr, block_expert_ptr,
-                           MK, E, NB, BM: tl.constexpr, CH: tl.constexpr, E_P2: tl.constexpr,
-                           NBT: tl.constexpr, FT: tl.constexpr, PDL: tl.constexpr):
+def moe_group_small_kernel(ids_ptr, counts_ptr, starts_ptr, rank_ptr, sorted_ptr, block_expert_ptr, split_ptr,
+                           MK, E, NB, NT, BM: tl.constexpr, CH: tl.constexpr, E_P2: tl.constexpr,
+                           NBT: tl.constexpr, FT: tl.constexpr, TM: tl.constexpr, PDL: tl.constexpr):
     """All of the grouping in one program (M * k <= CH): for decode, one launch."""
     _pdl_begin(PDL)
     re = tl.arange(0, E_P2)
@@ -667,9 +697,9 @@ def moe_group_small_kernel(ids_ptr, counts_ptr, starts_ptr, rank_ptr, sorted_ptr
     tl.debug_barrier()
     _rank_slots(ids_ptr, counts_ptr, rank_ptr, MK, E, 0, CH)
     tl.debug_barrier()
-    _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB, BM, E_P2, NBT, FT)
+    _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB, BM, E_P2, NBT, FT, TM, split_ptr, NT)
     tl.debug_barrier()
-    _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, E, 0, CH)
+    _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, E, 0, CH, TM, split_ptr)
 
 
 @triton.jit
@@ -678,11 +708,12 @@ def moe_rank_kernel(ids_ptr, counts_ptr, rank_ptr, MK, E, CH: tl.constexpr):
 
 
 @triton.jit
-def moe_starts_kernel(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB,
-                      BM: tl.constexpr, E_P2: tl.constexpr, NBT: tl.constexpr, FT: tl.constexpr):
-    _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB, BM, E_P2, NBT, FT)
+def moe_starts_kernel(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, split_ptr, E, NB, NT,
+                      BM: tl.constexpr, E_P2: tl.constexpr, NBT: tl.constexpr, FT: tl.constexpr, TM: tl.constexpr):
+    _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB, BM, E_P2, NBT, FT, TM, split_ptr, NT)
 
 
 @triton.jit
-def moe_place_kernel(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, E, CH: tl.constexpr):
-    _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, E, tl.program_id(0) * CH, CH)
+def moe_place_kernel(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, split_ptr, MK, E, CH: tl.constexpr,
+                     TM: tl.constexpr):
+    _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, E, tl.program_id(0) * CH, CH, TM, split_ptr)

@@ -59,7 +59,16 @@ class KernelConfig:
     direct: group the slots inside the GEMMs (no grouping launch; used when M * k <=
     DIRECT_MAX_SLOTS, else the grouping kernels run); pdl: launch each kernel with
     programmatic dependent launch (it starts while the previous one finishes and waits on the
-    device for its results; GPU only, ignored by the interpreter).
+    device for its results; GPU only, ignored by the interpreter);
+    tail_m: 0, or tail blocks of this many rows (a power of two, 16 <= tail_m < block_m): an
+    expert whose last count % block_m rows fit in tail_m rows runs them in a tail block (a second
+    GEMM1 and GEMM2 launch with block_m = tail_m) instead of a block of block_m rows that is
+    mostly padding (Grouping). Which of an expert's slots land in the tail block can change
+    between runs (the grouping ranks slots with atomics), so tail_m needs blocks whose rows get
+    the same bits at block_m and tail_m rows: the weight first (swap; the token rows are the MMA's
+    N side, which never changes the instruction: docs/performance.md sessions 9 and 10) or
+    block_m <= 32 (mma.sync at both sizes). Not
+    with split_k1 (the tail blocks are for prefill); unused with direct grouping.
     """
 
     block_m: int = 16
@@ -74,6 +83,7 @@ class KernelConfig:
     pdl: bool = False
     split_k1: int = 1
     scale_words: bool = False
+    tail_m: int = 0
 
     def __post_init__(self):
         for f in ("block_m", "block_n1", "block_n2"):
@@ -90,6 +100,15 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps}")
         if not 1 <= self.num_stages <= 8:
             raise ValueError(f"KernelConfig.num_stages: expected 1..8, got {self.num_stages}")
+        t = self.tail_m
+        if _tail_problem(t, self.block_m):
+            raise ValueError(f"KernelConfig.tail_m: {_tail_problem(t, self.block_m)}")
+        if t and not (self.swap or self.block_m <= 32):
+            raise ValueError(f"KernelConfig.tail_m={t} with block_m={self.block_m} needs swap=True: a slot's bits "
+                             f"would depend on whether it lands in a tail block (wgmma) or not (mma.sync)")
+        if t and self.split_k1 > 1:
+            raise ValueError(f"KernelConfig.tail_m={t}: not with split_k1={self.split_k1} (tail blocks are for "
+                             f"prefill, split-K for few tokens)")
 
     def problem_with(self, fmt: str, hidden_padded: int, intermediate_padded: int) -> str | None:
         """Why this configuration cannot run weights of `fmt` padded to (Hp, Ip), or None (every
@@ -231,22 +250,48 @@ class MoEKernelWeights:
         return sum(t.shape[0] * t.stride(0) * t.element_size() for t in ts if t is not None)
 
 
+def _tail_problem(tail_m: int, block_m: int) -> str | None:
+    """Why tail_m is no tail-block size under blocks of block_m rows, or None (0: no tail blocks)."""
+    if tail_m and (tail_m < 16 or tail_m & (tail_m - 1) or tail_m >= block_m):
+        return f"expected 0 or a power of two in [16, block_m={block_m}), got {tail_m}"
+    return None
+
+
 @dataclass
 class Grouping:
-    """Slots sorted by expert in blocks of `block_m` rows.
+    """Slots sorted by expert in blocks of `block_m` rows, then (tail_m > 0) tail blocks.
 
-    sorted_slots: [num_blocks * block_m] int32, slot index t*k + j, or -1 for padding;
-    block_expert: [num_blocks] int32, the expert of each block, -1 past the last real block.
-    num_blocks is an upper bound from M alone: M*k // block_m + min(E, M*k).
+    sorted_slots: [num_blocks * block_m + num_tail_blocks * tail_m] int32, slot index t*k + j,
+    or -1 for padding; block_expert: [num_blocks + num_tail_blocks] int32, the expert of each
+    block, -1 past the last real block of each part. num_blocks is an upper bound from M alone:
+    M*k // block_m + min(E, M*k); num_tail_blocks = min(E, M*k) when tail_m > 0, else 0.
+    With tail_m, an expert whose count % block_m is 1..tail_m puts those last rows in one tail
+    block of tail_m rows (after all the blocks of block_m rows), not in a padded block of block_m.
     """
 
     sorted_slots: torch.Tensor
     block_expert: torch.Tensor
     block_m: int
+    tail_m: int = 0
+    num_blocks: int = -1
+
+    def __post_init__(self):
+        if self.num_blocks < 0:
+            self.num_blocks = self.block_expert.shape[0]
 
     @property
-    def num_blocks(self) -> int:
-        return self.block_expert.shape[0]
+    def num_tail_blocks(self) -> int:
+        return self.block_expert.shape[0] - self.num_blocks
+
+    def parts(self):
+        """[(rows per block, sorted_slots view, block_expert view, blocks)]: the blocks of block_m
+        rows, then the tail blocks if any; the views are what one GEMM launch reads."""
+        rows = self.num_blocks * self.block_m
+        out = [(self.block_m, self.sorted_slots[:rows], self.block_expert[:self.num_blocks], self.num_blocks)]
+        if self.num_tail_blocks:
+            out.append((self.tail_m, self.sorted_slots[rows:], self.block_expert[self.num_blocks:],
+                        self.num_tail_blocks))
+        return out
 
 
 def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
@@ -254,40 +299,49 @@ def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
     return num_slots // block_m + min(num_experts, num_slots)
 
 
-def group_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int, pdl: bool = False) -> Grouping:
-    """Sort (token, expert) slots by expert, each expert padded to a multiple of block_m rows.
+def group_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int, pdl: bool = False,
+                 tail_m: int = 0) -> Grouping:
+    """Sort (token, expert) slots by expert, each expert padded to a multiple of block_m rows;
+    with tail_m (a power of two below block_m), an expert's last count % block_m rows go to a
+    tail block of tail_m rows instead where they fit in it (Grouping).
 
     topk_ids: [M, k] int32; -1 (no expert) and ids outside [0, E) are dropped (never read
     or written out of bounds).
     One Triton program for up to SMALL_GROUPING_MAX slots, else three small kernels.
     pdl: launch the one-program grouping with programmatic dependent launch (GPU only).
     """
+    if _tail_problem(tail_m, block_m):
+        raise ValueError(f"tail_m: {_tail_problem(tail_m, block_m)}")
     MK = topk_ids.numel()
     E = num_experts
     NB = max_blocks(MK, E, block_m)
+    NT = min(E, MK) if tail_m else 0
     dev = topk_ids.device
-    sorted_slots = torch.empty(NB * block_m, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(NB, dtype=torch.int32, device=dev)
+    sorted_slots = torch.empty(NB * block_m + NT * tail_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(NB + NT, dtype=torch.int32, device=dev)
     ids = topk_ids.reshape(-1)
     e_p2 = max(16, triton.next_power_of_2(E))
     nbt = max(1, min(64, 8192 // e_p2))
+    # counts [E], starts [2E] (blocks of block_m, then tail blocks), split [E] (rows in blocks of block_m)
     if MK <= SMALL_GROUPING_MAX:
-        scratch = torch.empty(2 * E + MK, dtype=torch.int32, device=dev)
-        counts, starts, rank = scratch[:E], scratch[E:2 * E], scratch[2 * E:]
+        scratch = torch.empty(4 * E + MK, dtype=torch.int32, device=dev)
+        counts, starts, split, rank = scratch[:E], scratch[E:3 * E], scratch[3 * E:4 * E], scratch[4 * E:]
         K.moe_group_small_kernel[(1,)](
-            ids, counts, starts, rank, sorted_slots, block_expert, MK, E, NB,
-            BM=block_m, CH=max(16, triton.next_power_of_2(MK)), E_P2=e_p2, NBT=nbt, FT=1024, PDL=pdl,
+            ids, counts, starts, rank, sorted_slots, block_expert, split, MK, E, NB, NT,
+            BM=block_m, CH=max(16, triton.next_power_of_2(MK)), E_P2=e_p2, NBT=nbt, FT=1024, TM=tail_m, PDL=pdl,
             num_warps=4, **({"launch_pdl": True} if pdl else {}))
-        return Grouping(sorted_slots, block_expert, block_m)
+        return Grouping(sorted_slots, block_expert, block_m, tail_m, NB)
     counts = torch.zeros(E, dtype=torch.int32, device=dev)
-    starts = torch.empty(E, dtype=torch.int32, device=dev)
+    starts = torch.empty(3 * E, dtype=torch.int32, device=dev)
+    starts, split = starts[:2 * E], starts[2 * E:]
     rank = torch.empty(MK, dtype=torch.int32, device=dev)
     ch = 1024
     K.moe_rank_kernel[(triton.cdiv(MK, ch),)](ids, counts, rank, MK, E, CH=ch, num_warps=4)
-    K.moe_starts_kernel[(1,)](counts, starts, block_expert, sorted_slots, E, NB,
-                              BM=block_m, E_P2=e_p2, NBT=nbt, FT=4096, num_warps=8)
-    K.moe_place_kernel[(triton.cdiv(MK, ch),)](ids, rank, starts, sorted_slots, MK, E, CH=ch, num_warps=4)
-    return Grouping(sorted_slots, block_expert, block_m)
+    K.moe_starts_kernel[(1,)](counts, starts, block_expert, sorted_slots, split, E, NB, NT,
+                              BM=block_m, E_P2=e_p2, NBT=nbt, FT=4096, TM=tail_m, num_warps=8)
+    K.moe_place_kernel[(triton.cdiv(MK, ch),)](ids, rank, starts, sorted_slots, split, MK, E, CH=ch, TM=tail_m,
+                                               num_warps=4)
+    return Grouping(sorted_slots, block_expert, block_m, tail_m, NB)
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -328,43 +382,49 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     elif why:
         raise ValueError(f"cfg.scale_words: {why} (kernels/layout.py pads each scale row to 8 bytes, which makes "
                          f"them so)")
-    if direct:  # the GEMMs find their blocks from the ids: no grouping launch
-        NB, sorted_slots, block_expert = max_blocks(MK, E, BM), ids, ids
+    if direct:  # the GEMMs find their blocks from the ids: no grouping launch (tail blocks unused)
+        parts = [(BM, ids, ids, max_blocks(MK, E, BM))]
         mkp = max(16, triton.next_power_of_2(MK))
     else:
-        grp = group_tokens(topk_ids, E, BM, pdl=pdl)
-        NB, sorted_slots, block_expert, mkp = grp.num_blocks, grp.sorted_slots, grp.block_expert, 16
-    inter = torch.empty(NB * BM, Ip, dtype=torch.bfloat16, device=x.device)
-    n1 = Ip // cfg.block_n1
-    S1 = cfg.split_k1
-    if S1 > 1:
-        part = torch.empty(S1, NB * BM, 2 * Ip, dtype=torch.float32, device=x.device)
-        locks = split_counters(weights, NB * n1)
-    else:
-        part = locks = dummy
-    k1 = K.moe_gemm1_kernel[(NB * n1 * S1,)](
-        x, x.stride(0), weights.w13, weights.s13,
-        weights.gs13 if weights.gs13 is not None else dummy, weights.b13 if has_bias1 else dummy,
-        inter, sorted_slots, block_expert, ids, MK, E, part, locks, NB * BM * 2 * Ip,
-        H, Ip, Hp, k, n1, weights.w13.stride(1), weights.s13.stride(1),
-        float(alpha), float(beta), float(limit) if limit is not None else 0.0,
-        FMT=fmt, G=G, HAS_BIAS=has_bias1, HAS_LIMIT=limit is not None,
-        BM=BM, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold13,
-        DIRECT=direct, MKP=mkp, PDL=pdl, SPLIT=S1, WORDS=words, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **launch)
-    S = cfg.split_k
+        parts = group_tokens(topk_ids, E, BM, pdl=pdl, tail_m=cfg.tail_m).parts()
+        mkp = 16
+    rows = [bm * nb for bm, _, _, nb in parts]
+    inter_all = torch.empty(sum(rows), Ip, dtype=torch.bfloat16, device=x.device)
+    inters = inter_all.split(rows)
+    n1, n2 = Ip // cfg.block_n1, Hp // cfg.block_n2
+    S1, S = cfg.split_k1, cfg.split_k
     y = torch.empty(S, MK, H, dtype=torch.float32, device=x.device)
-    n2 = Hp // cfg.block_n2
-    k2 = K.moe_gemm2_kernel[(NB * n2 * S,)](
-        inter, weights.w2, weights.s2,
-        weights.gs2 if weights.gs2 is not None else dummy, weights.b2 if has_bias2 else dummy,
-        y, sorted_slots, block_expert, topk_weights, ids, MK, E,
-        H, Hp, Ip, n2, weights.w2.stride(1), weights.s2.stride(1), MK * H,
-        FMT=fmt, G=G, HAS_BIAS=has_bias2,
-        BM=BM, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold2,
-        SPLIT=S, DIRECT=direct, MKP=mkp, PDL=pdl, WORDS=words, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **launch)
-    _record(stats, (("gemm1", k1, NB * n1 * S1), ("gemm2", k2, NB * n2 * S)))
+    launched = []
+    # each part (the blocks of block_m rows, then the tail blocks) is one GEMM1 launch and one GEMM2
+    # launch; the parts share y, which GEMM2 writes by slot
+    for (bm, sorted_slots, block_expert, NB), inter in zip(parts, inters):
+        if S1 > 1:
+            part = torch.empty(S1, NB * bm, 2 * Ip, dtype=torch.float32, device=x.device)
+            locks = split_counters(weights, NB * n1)
+        else:
+            part = locks = dummy
+        k1 = K.moe_gemm1_kernel[(NB * n1 * S1,)](
+            x, x.stride(0), weights.w13, weights.s13,
+            weights.gs13 if weights.gs13 is not None else dummy, weights.b13 if has_bias1 else dummy,
+            inter, sorted_slots, block_expert, ids, MK, E, part, locks, NB * bm * 2 * Ip,
+            H, Ip, Hp, k, n1, weights.w13.stride(1), weights.s13.stride(1),
+            float(alpha), float(beta), float(limit) if limit is not None else 0.0,
+            FMT=fmt, G=G, HAS_BIAS=has_bias1, HAS_LIMIT=limit is not None,
+            BM=bm, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold13,
+            DIRECT=direct, MKP=mkp, PDL=pdl, SPLIT=S1, WORDS=words, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **launch)
+        k2 = K.moe_gemm2_kernel[(NB * n2 * S,)](
+            inter, weights.w2, weights.s2,
+            weights.gs2 if weights.gs2 is not None else dummy, weights.b2 if has_bias2 else dummy,
+            y, sorted_slots, block_expert, topk_weights, ids, MK, E,
+            H, Hp, Ip, n2, weights.w2.stride(1), weights.s2.stride(1), MK * H,
+            FMT=fmt, G=G, HAS_BIAS=has_bias2,
+            BM=bm, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold2,
+            SPLIT=S, DIRECT=direct, MKP=mkp, PDL=pdl, WORDS=words, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **launch)
+        tag = "" if bm == BM else "_tail"
+        launched += [("gemm1" + tag, k1, NB * n1 * S1), ("gemm2" + tag, k2, NB * n2 * S)]
+    _record(stats, launched)
     return _combine(y, topk_ids, E, out, shared_output, pdl)
 
 
