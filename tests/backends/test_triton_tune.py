@@ -18,7 +18,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_tune_kernels_writes_the_table_and_prepare_uses_it(tmp_path, monkeypatch):
     table = tmp_path / "triton_configs.json"
     monkeypatch.setenv("QMOE_TRITON_CONFIGS", str(table))
-    only = KernelConfig(16, 32, 32, False, 2, 2, 2)
+    only = KernelConfig(16, 64, 64, True, 4, 2, 2)   # batch-invariant (the weight first, wgmma)
     monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4": [configs.default_config(m, k, e, fmt), only])
     parser = argparse.ArgumentParser()
     tune.add_arguments(parser)
@@ -61,7 +61,7 @@ def test_the_interleaved_final_round_picks_the_winners(monkeypatch):
     a, b_, c = (KernelConfig(16, 32, 32, False, 2, 2, 2, split_k=2), KernelConfig(16, 32, 32, False, 2, 2, 4,
                                                                                  split_k=2),
                 KernelConfig(32, 32, 32, False, 2, 2, 2, split_k=2))
-    d = KernelConfig(16, 32, 32, False, 4, 2, 2)
+    d = KernelConfig(16, 64, 64, True, 4, 2, 2)
     base = configs.default_config(3, 2, 4)
     first = {a: 10.0, b_: 11.0, c: 12.0, d: 13.0, base: 20.0}
     final = {a: 9.0, c: 7.0, d: 8.5, base: 15.0}

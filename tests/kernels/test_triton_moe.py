@@ -201,24 +201,27 @@ def test_scale_words_refuse_scale_rows_off_their_boundary(fmt, size, need):
             fused_moe(x, ids, tw, bad, 1.702, 1.0, 7.0, cfg, out)
 
 
-def test_weight_first_is_never_batch_invariant_nor_its_default():
-    """swap is outside the batch-invariant family, and batch-invariant defaults never take it."""
+def test_the_invariant_family_is_wgmma_and_every_invariant_default_is_in_it():
+    """The batch-invariant family: both GEMMs on wgmma (the weight first with tiles of 64 columns
+    or more, or 64-row blocks and up with the weight second; whole warpgroups), no split-K; the
+    mma.sync blocks are outside it. The batch-invariant defaults are in it at every M."""
     from qmoe.backends.triton import configs
 
-    assert not configs.invariant(KernelConfig(16, 64, 64, True))
+    inside = [KernelConfig(16, 64, 64, True), KernelConfig(16, 64, 128, True, direct=True, pdl=True),
+              KernelConfig(128, 64, 64, True, tail_m=32), KernelConfig(128, 128, 128, True, num_warps=8),
+              KernelConfig(64, 64, 64, False), KernelConfig(128, 128, 128, False, num_warps=8)]
+    outside = [KernelConfig(16, 64, 64, False), KernelConfig(32, 64, 128, False),   # mma.sync, weight second
+               KernelConfig(16, 32, 64, True), KernelConfig(16, 64, 32, True),      # a 32-column tile: mma.sync
+               KernelConfig(16, 64, 64, True, num_warps=2),                          # not a warpgroup
+               KernelConfig(16, 64, 64, True, split_k=2), KernelConfig(16, 64, 64, True, split_k1=2)]
+    assert all(configs.invariant(c) for c in inside)
+    assert not any(configs.invariant(c) for c in outside)
     for m in (1, 16, 64, 256, 1024, 4096, 8192, 65536):
         for fmt in FORMATS:
-            assert not configs.default_config(m, 8, 128, fmt, batch_invariant=True).swap
-            assert configs.invariant(configs.default_config(m, 8, 128, fmt, batch_invariant=True))
+            assert configs.invariant(configs.default_config(m, 8, 128, fmt, batch_invariant=True)), (m, fmt)
 
 
-def test_split_k_configs_are_not_invariant_and_refuse_bad_counts():
-    from qmoe.backends.triton.configs import invariant
-
-    assert invariant(KernelConfig(16, 64, 64, False))
-    assert not invariant(KernelConfig(16, 64, 64, False, split_k1=2))
-    assert not invariant(KernelConfig(16, 64, 64, False, split_k=4))
-    assert not invariant(KernelConfig(32, 128, 128, False, num_warps=8))   # warps can change the bits
+def test_split_k_configs_refuse_bad_counts():
     with pytest.raises(ValueError, match="split_k1"):
         KernelConfig(16, 64, 64, False, split_k1=3)
     with pytest.raises(ValueError, match="k_unroll: expected 2, 4 or 8"):
@@ -617,8 +620,8 @@ def test_batch_invariance_is_a_switch_off_by_default():
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_rows_of_a_batch_equal_the_same_tokens_alone(fmt, batch_invariant):
     """Through MoE with the triton backend switched to batch invariance: the configurations chosen
-    for 1, 3, 16 and 64 tokens differ (direct 16-row blocks, grouped 16- and 32-row blocks), yet
-    every row is bitwise the same."""
+    for 1, 3, 16 and 64 tokens differ (the weight first in direct 16-row blocks and grouped 32-row
+    blocks), yet every row is bitwise the same."""
     spec, w = make(8, 2, 64, 96, fmt, seed=21)
     x, ids, tw = inputs(spec, 64, seed=9, drop=0.1)
     moe = qmoe.MoE(spec, w, backend="triton")

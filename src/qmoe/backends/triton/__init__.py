@@ -10,14 +10,15 @@ Launch configurations: per M bucket from the measured tables (configs.py), else 
 `runner(prepared, m)` binds the configuration once per token count, so a call costs no lookup.
 
 Batch invariance (`batch_invariant`, a switch, off by default): only configurations of one
-arithmetic family run (configs.invariant: mma.sync blocks of 16 or 32 rows, no split-K, no swap),
-so a token's output is bitwise the same whatever else is in the batch and whichever bucket's
-configuration runs (the grouping only decides which program computes a row, never the row's
-arithmetic; measured at 4096-token prefixes for mxfp4, int4 and nvfp4 on an H200). It costs
-nothing at decode but keeps prefill off the 128-row wgmma tiles and the weight-first GEMMs
-(gpt-oss-120b: about 1.2-1.3x slower at M >= 4096 in session 3; 1.6-1.9x in session 9's tuner
-first-pass times, not measured as a bench: docs/performance.md), more than the 3% that would
-make it the default.
+arithmetic family run (configs.invariant: both GEMMs on wgmma, which for decode means the weight
+first; no split-K), so a token's output is bitwise the same whatever else is in the batch and
+whichever bucket's configuration runs (the grouping only decides which program computes a row,
+never the row's arithmetic; measured at 4096-token prefixes for mxfp4, int4 and nvfp4 on an
+H200). Since session 10 the family holds the fastest prefill configurations (the shipped table's
+prefill entries are the same in both modes); at decode it keeps the weight second's mma.sync
+tiles out: 1.03-1.10x for gpt-oss-120b and 1.01-1.05x for kimi-k2.5 at M = 1..256, at most
+1.01x for qwen3-30b-a3b (the tuner's interleaved final round, docs/performance.md), more than
+the 3% that would make it the default.
 Switch it on before building a MoE:
 
     qmoe.backends.get_backend("triton").batch_invariant = True

@@ -84,15 +84,28 @@ def versions() -> dict:
     return {"triton": v["triton"], "qmoe": v["qmoe"]}
 
 
+def wgmma(cfg) -> bool:
+    """Whether Triton runs both GEMMs of a configuration on Hopper's wgmma (rather than mma.sync):
+    the MMA's M side (the weight's tile of block_n1 / block_n2 columns when the weight goes first,
+    swap; else the block_m token rows) a multiple of 64 in both GEMMs, with whole warpgroups (4 or
+    8 warps). Triton's rule for its version-3 MMA; tail blocks change only the token side (N)."""
+    sides = (cfg.block_n1, cfg.block_n2) if cfg.swap else (cfg.block_m, cfg.block_m)
+    return cfg.num_warps in (4, 8) and all(s % 64 == 0 for s in sides)
+
+
 def invariant(cfg) -> bool:
-    """Whether a configuration belongs to the batch-invariant family: every row's K reduction is
-    the same sequence of mma.sync instructions whatever the batch (measured on an H200, bitwise:
-    16- and 32-row blocks agree, and so do GEMM tiles of 64 or 128 columns, K unrolling 2-8 and
-    2-4 stages; 64- and 128-row blocks use wgmma, whose rounding differs in some rows; split-K
-    (either GEMM) adds partial sums in another order; swap puts the weight first; 2 warps instead
-    of 4 changed some gpt-oss-120b output bits (session 6), so the family keeps 4 warps)."""
-    return (cfg.block_m <= 32 and cfg.num_warps == 4 and cfg.split_k == 1 and cfg.split_k1 == 1
-            and not cfg.swap)
+    """Whether a configuration belongs to the batch-invariant family: every output element's K
+    reduction is one chain of wgmma steps of 16 columns in K order, whatever the batch and the
+    tile (`wgmma`, no split-K in either GEMM). Measured on an H200, bitwise (session 10,
+    scripts/device/probe.py: 256 tokens and their prefixes of 1, 3 and 16): the weight first in
+    16-, 32-, 64- and 128-row blocks, 64- or 128-column tiles, 4 or 8 warps, 3 or 4 stages, with
+    the grouping inside the GEMMs and PDL, with tail blocks, and the weight second in 64- and
+    128-row blocks all give the same bits; mma.sync blocks (16 or 32 rows with the weight second,
+    or 32-column tiles with the weight first) are a family of their own that differs from this one
+    in some rows (51 of 256 for gpt-oss-120b); split-K adds partial sums in another order. This
+    family replaced the mma.sync one in session 10: it holds the fastest prefill configurations
+    (the weight first, session 9), which the mma.sync family kept out at 1.6-1.9x the time."""
+    return wgmma(cfg) and cfg.split_k == 1 and cfg.split_k1 == 1
 
 
 def problem(gpu: str, fmt: str, spec, batch_invariant: bool = False) -> str:
@@ -161,23 +174,27 @@ def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", bat
     with the weight as the MMA's first operand (swap; session 9: the fastest configuration at
     M >= 1024 for the three formats, and at M = 256 faster than the same 32-row block with the
     weight second: 758 against 864 us for gpt-oss-120b, 244 against 249 for qwen3-30b-a3b, 3977
-    against 4343 for kimi-k2.5). batch_invariant: 32-row blocks beyond, the weight second
-    (`invariant`). The scales are loaded as 32- and 64-bit words everywhere: the same bits,
+    against 4343 for kimi-k2.5); the 128-row blocks with 32-row tail blocks (session 10: faster than
+    without at M = 4096 and 8192 for gpt-oss-120b, qwen3-30b-a3b and deepseek-v3, 2-12% in the
+    tuner's first pass). batch_invariant: the weight first at decode too (`invariant`; session 10:
+    1.02-1.10x the weight second's time for gpt-oss-120b and kimi-k2.5 at M = 1..64, 0.94x for
+    qwen3-30b-a3b at M = 4..64). The scales are loaded as 32- and 64-bit words everywhere: the same bits,
     faster or within the spread in every case measured (32-bit: decode in session 5, prefill in
     session 6; 64-bit: session 8)."""
     from ...kernels.moe import KernelConfig
 
-    swap = not batch_invariant
     per_expert = m * top_k / num_experts
     if m * top_k <= 32:
-        c = KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=4,
-                         direct=True, pdl=True)
+        c = KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=batch_invariant, num_warps=4, num_stages=3,
+                         k_unroll=4, direct=True, pdl=True)
     elif per_expert <= 12:
-        c = KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=False, num_warps=4, num_stages=3, k_unroll=4)
-    elif per_expert <= 48 or batch_invariant:
-        c = KernelConfig(block_m=32, block_n1=64, block_n2=64, swap=swap, num_warps=4, num_stages=3, k_unroll=2)
+        c = KernelConfig(block_m=16, block_n1=64, block_n2=64, swap=batch_invariant, num_warps=4, num_stages=3,
+                         k_unroll=4)
+    elif per_expert <= 48:
+        c = KernelConfig(block_m=32, block_n1=64, block_n2=64, swap=True, num_warps=4, num_stages=3, k_unroll=2)
     else:
-        c = KernelConfig(block_m=128, block_n1=64, block_n2=64, swap=True, num_warps=4, num_stages=3, k_unroll=2)
+        c = KernelConfig(block_m=128, block_n1=64, block_n2=64, swap=True, num_warps=4, num_stages=3, k_unroll=2,
+                         tail_m=32)
     return replace(c, scale_words=True)
 
 
@@ -191,7 +208,7 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     for a short last wave); 32- and 64-row blocks in between; 128-row blocks for prefill; from 2
     tokens per expert also with the weight as the MMA's first operand (`swap`: a wgmma register
     operand on Hopper), for prefill in 64-row blocks too (fewer registers), 4 stages or 4 chunks
-    per iteration.
+    per iteration, and with tail blocks (`KernelConfig.tail_m`).
     All load the scales as 32- or 64-bit words (`default_config`)."""
     from ...kernels.moe import KernelConfig as C
 
@@ -207,6 +224,11 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
         lat = fast or dict(pdl=True)
         out += [C(16, 64, 128, False, 4, 4, 4, **lat), C(16, 64, 128, False, 4, 2, 8, **lat),
                 C(16, 128, 128, False, 8, 3, 4, **lat), C(16, 32, 128, False, 4, 4, 4, **lat)]
+        # the weight first (wgmma: the batch-invariant family): 0.94x the weight second's time for
+        # qwen3-30b-a3b nvfp4 at M = 4..64, 1.02-1.10x for gpt-oss-120b and kimi-k2.5 (session 10)
+        out += [C(16, 64, 64, True, 4, 3, 4, **fast), C(16, 64, 128, True, 4, 3, 4, **fast),
+                C(16, 64, 128, True, 4, 3, 4, **lat), C(16, 64, 128, True, 4, 4, 4, **lat),
+                C(16, 128, 128, True, 8, 3, 4, **lat), C(16, 64, 64, True, 4, 3, 2, **lat)]
         if fmt == "nvfp4":  # 2 warps: 3-4% faster for qwen3-30b-a3b at M = 16 and 64, slower elsewhere (session 6)
             out += [C(16, 64, 128, False, 2, 3, 4, **fast), C(16, 64, 128, False, 2, 3, 4, pdl=True)]
         if per_expert <= 0.5:  # few active experts: split-K, 2 or 4 K parts per tile, in GEMM2 and GEMM1
@@ -217,7 +239,7 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     if 2 <= per_expert <= 64:
         out += [C(32, 64, 64, False, 4, 3, 2), C(64, 64, 64, False, 4, 3, 2), C(32, 128, 128, False, 8, 3, 2),
                 C(64, 128, 128, False, 8, 3, 2), C(32, 64, 128, False, 4, 3, 2)]
-        out += [C(32, 64, 64, True, 4, 3, 2), C(64, 64, 64, True, 4, 3, 2)]
+        out += [C(32, 64, 64, True, 4, 3, 2), C(64, 64, 64, True, 4, 3, 2), C(32, 64, 64, True, 4, 3, 2, tail_m=16)]
     if per_expert >= 16:
         out += [C(128, 128, 128, False, 8, 3, 2), C(128, 64, 128, False, 4, 3, 2), C(128, 128, 64, False, 8, 3, 2),
                 C(64, 128, 128, False, 8, 3, 2), C(32, 128, 128, False, 8, 3, 2), C(32, 64, 128, False, 4, 3, 4),
@@ -225,9 +247,13 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
         out += [C(128, 64, 64, True, 4, 3, 2), C(128, 128, 128, True, 8, 3, 2), C(64, 128, 128, True, 8, 3, 2),
                 C(64, 64, 64, True, 4, 3, 2), C(64, 64, 64, True, 4, 4, 2), C(64, 64, 64, True, 4, 3, 4),
                 C(64, 128, 128, True, 8, 3, 4)]
+        # tail blocks: an expert's last rows in a block of 32 or 64 rows, not a mostly empty one of 64 or 128
+        out += [C(128, 64, 64, True, 4, 3, 2, tail_m=32), C(128, 64, 64, True, 4, 3, 2, tail_m=64),
+                C(128, 128, 128, True, 8, 3, 2, tail_m=64), C(64, 64, 64, True, 4, 3, 2, tail_m=32),
+                C(64, 64, 64, True, 4, 4, 2, tail_m=32), C(64, 128, 128, True, 8, 3, 2, tail_m=32)]
     out = list(dict.fromkeys(replace(c, scale_words=True) for c in out))
     return [c for c in out if invariant(c)] if batch_invariant else out
 
 
 __all__ = ["ENV_VAR", "SHIPPED", "USER_TABLE", "candidates", "config_for", "default_config", "invariant",
-           "kernel_config", "load_configs", "padded_sizes", "validate_entry", "versions", "write_configs"]
+           "kernel_config", "load_configs", "padded_sizes", "validate_entry", "versions", "wgmma", "write_configs"]
