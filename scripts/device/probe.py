@@ -46,7 +46,11 @@ INVARIANCE = {
 }
 SWAPS = {"swap bm16": C(16, 64, 64, True, 4, 3, 4), "swap bm32": C(32, 64, 64, True, 4, 3, 2),
          "swap bm64": C(64, 64, 64, True, 4, 3, 2), "swap bm128": C(128, 64, 64, True, 4, 3, 2),
-         "swap bm128 nw8": C(128, 128, 128, True, 8, 3, 2)}
+         "swap bm128 nw8": C(128, 128, 128, True, 8, 3, 2),
+         "swap bm16 n32": C(16, 32, 32, True, 4, 3, 4), "swap bm16 n128": C(16, 64, 128, True, 4, 3, 4),
+         "swap bm16 dir+pdl": C(16, 64, 64, True, 4, 3, 4, direct=True, pdl=True),
+         "swap bm64 s4": C(64, 64, 64, True, 4, 4, 2), "swap bm128 t32": C(128, 64, 64, True, 4, 3, 2, tail_m=32),
+         "swap bm128 nw8 t64": C(128, 128, 128, True, 8, 3, 2, tail_m=64)}
 """The weight first (every format since session 9): is it a batch-invariant family of its own?"""
 DECODE = {
     "bm16 n32": C(16, 32, 32, False, 4, 3, 4),
