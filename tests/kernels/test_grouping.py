@@ -59,25 +59,26 @@ def _check_part(flat, E, BM, s, be, nblocks, want_blocks):
                                       (300, 4, 8, 16), (40, 8, 130, 16)])
 @pytest.mark.parametrize("small", [True, False])
 def test_group_tokens(M, k, E, BM, small, monkeypatch):
+    ids = _random_ids(M, k, E, M * 31 + k, small, monkeypatch)
+    _check(ids, E, BM, km.group_tokens(ids, E, BM))
+
+
+def _random_ids(M, k, E, seed, small, monkeypatch):
+    """[M, k] int32 ids in [-1, E) on DEVICE; small=False makes the grouping take its three-kernel
+    path (a case too large for the one-program path is skipped when small)."""
     if not small:
         monkeypatch.setattr(km, "SMALL_GROUPING_MAX", 0)
     elif M * k > km.SMALL_GROUPING_MAX:
         pytest.skip("too many slots for the one-program path")
-    g = torch.Generator().manual_seed(M * 31 + k)
-    ids = torch.randint(-1, E, (M, k), generator=g, dtype=torch.int32).to(DEVICE)
-    _check(ids, E, BM, km.group_tokens(ids, E, BM))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-1, E, (M, k), generator=g, dtype=torch.int32).to(DEVICE)
 
 
 @pytest.mark.parametrize("M,k,E,BM,TM", [(150, 2, 8, 32, 16), (300, 4, 8, 64, 32), (40, 8, 130, 32, 16),
                                          (700, 4, 16, 128, 64)])
 @pytest.mark.parametrize("small", [True, False])
 def test_group_tokens_with_tail_blocks(M, k, E, BM, TM, small, monkeypatch):
-    if not small:
-        monkeypatch.setattr(km, "SMALL_GROUPING_MAX", 0)
-    elif M * k > km.SMALL_GROUPING_MAX:
-        pytest.skip("too many slots for the one-program path")
-    g = torch.Generator().manual_seed(M * 7 + BM)
-    ids = torch.randint(-1, E, (M, k), generator=g, dtype=torch.int32).to(DEVICE)
+    ids = _random_ids(M, k, E, M * 7 + BM, small, monkeypatch)
     grp = km.group_tokens(ids, E, BM, tail_m=TM)
     _check(ids, E, BM, grp, TM)
     flat = ids.reshape(-1).cpu()
