@@ -616,6 +616,26 @@ def test_batch_invariance_is_a_switch_off_by_default():
     assert get_backend("triton").batch_invariant is False
 
 
+def test_the_invariant_backend_object_the_commands_take():
+    """`--backend qmoe.backends.triton:INVARIANT` (the commands' module:attr names) is the backend
+    in batch-invariant mode: its plan runs only invariant configurations, the default object stays
+    off, and qmoe check's invariance case passes with the property required."""
+    from qmoe.backends.triton import configs
+    from qmoe.cli import check
+    from qmoe.cli.common import load_backend
+
+    b = load_backend("qmoe.backends.triton:INVARIANT")
+    assert b.batch_invariant and not get_backend("triton").batch_invariant
+    spec, w = make(8, 2, 64, 96, "mxfp4", seed=21)
+    prep = b.prepare(spec, w)
+    assert prep.meta["batch_invariant"]
+    assert all(configs.invariant(b.config_for(prep, m)) for m in (1, 16, 64, 1024, 8192))
+    case = {"id": "invariance M<=16", "M": 16, "neg_ids": False, "shared": False, "kind": "invariant",
+            "nan": None, "sizes": [1, 3, 16]}
+    r = check.run_case(b, prep, spec, w, case, seed=4, tolerance=check.TOLERANCES["mxfp4"], require=("invariant",))
+    assert r["status"] == "pass", r
+
+
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_rows_of_a_batch_equal_the_same_tokens_alone(fmt, batch_invariant):

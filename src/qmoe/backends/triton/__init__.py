@@ -23,6 +23,8 @@ Switch it on before building a MoE:
 
     qmoe.backends.get_backend("triton").batch_invariant = True
     moe = qmoe.MoE(spec, weights, backend="triton")   # its plan reads the invariant table
+
+For the commands, `INVARIANT` is the backend in that mode (--backend qmoe.backends.triton:INVARIANT).
 Ids outside [-1, E) are dropped by the grouping and poison their token's output row with NaN
 inside the combine kernel: no host sync, no out-of-bounds access (`poisons_bad_ids`).
 """
@@ -129,3 +131,9 @@ class TritonBackend(Backend):
 
 
 BACKEND = TritonBackend()
+
+INVARIANT = TritonBackend(batch_invariant=True)
+"""The backend in batch-invariant mode, for the commands, which take "module:attr" backend names:
+`qmoe check --backend qmoe.backends.triton:INVARIANT --require invariant` qualifies the mode on
+this GPU, `qmoe bench --backend triton,qmoe.backends.triton:INVARIANT` times both modes side by
+side. (In code, switch `get_backend("triton").batch_invariant` or build a TritonBackend(True).)"""
