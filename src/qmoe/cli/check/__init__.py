@@ -132,7 +132,10 @@ def print_summary(console, report):
     table = Table()
     for col in ("backend", "pass", "fail", "crash", "timeout", "skip", "worst rel err", "deterministic",
                 "batch-invariant"):
-        table.add_column(col, justify="left" if col == "backend" else "right")
+        if col == "backend":  # a module:attr name folds over lines rather than losing its end
+            table.add_column(col, justify="left", overflow="fold")
+        else:
+            table.add_column(col, justify="right")
     notes = []
     total_pass = total_skip = 0
     for name, info in report["backends"].items():
