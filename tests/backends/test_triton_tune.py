@@ -94,6 +94,38 @@ def test_the_interleaved_final_round_picks_the_winners(monkeypatch):
     assert got == {a: (9.0, False), b_: (None, True), c: (7.0, False), d: (8.5, False), base: (None, False)}
 
 
+def test_an_invariant_candidate_with_other_bits_never_wins_the_invariant_entry(monkeypatch):
+    """Two members of the batch-invariant family by configuration; the faster one gives other bits
+    than the family's default on these inputs (within the accuracy bound): it may win the default
+    entry, never the batch-invariant one, and its entry says why."""
+    import qmoe.timing as timing
+    from qmoe.backends.triton import tune as ktune
+
+    good, odd = KernelConfig(16, 64, 64, True, 4, 2, 2), KernelConfig(16, 64, 128, True, 4, 2, 2)
+    assert configs.invariant(good) and configs.invariant(odd)
+    base = configs.default_config(3, 2, 4)
+    times = {good: 9.0, odd: 5.0, base: 20.0}
+    monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4": [base, good, odd])
+    spec, backend = qmoe.MoESpec(4, 2, 64, 64), get_backend("triton")
+    seen = []
+    real_forward = backend.forward
+
+    def forward(*args, config=None, **kw):
+        seen.append(config)
+        out = real_forward(*args, config=config, **kw)
+        return out.mul_(1 + 2 ** -7) if config == odd else out   # one bf16 step off: other bits
+
+    monkeypatch.setattr(backend, "forward", forward)
+    monkeypatch.setattr(timing, "measure", lambda fn, **kw: (fn(), {"median_us": times[seen[-1]]})[1])
+    monkeypatch.setattr(timing, "measure_many", lambda fns, **kw: {
+        n: (fn(), {"median_us": times[seen[-1]]})[1] for n, fn in fns.items()})
+    res = ktune.tune(backend, spec, "mxfp4", [3], DEVICE, write=False, reps=1)
+    bucket = res["buckets"][3]
+    assert bucket["config"] == odd and bucket["invariant_config"] == good
+    tried = {KernelConfig(**t["config"]): t for t in bucket["tried"]}
+    assert "not_invariant" in tried[odd] and "not_invariant" not in tried[good]
+
+
 def test_candidates_fit_every_preset_and_the_shipped_table_is_usable():
     """Every candidate the tuner would time fits the preset's padded shape and format (so none is
     wasted on a refusal), loads scale words, and the batch-invariant lists hold only invariant

@@ -75,7 +75,8 @@ def _random_ids(M, k, E, seed, small, monkeypatch):
 
 
 @pytest.mark.parametrize("M,k,E,BM,TM", [(150, 2, 8, 32, 16), (300, 4, 8, 64, 32), (40, 8, 130, 32, 16),
-                                         (700, 4, 16, 128, 64)])
+                                         (700, 4, 16, 128, 64), (40, 4, 130, 32, 16), (5, 2, 300, 32, 16),
+                                         (70, 3, 12, 32, 16)])
 @pytest.mark.parametrize("small", [True, False])
 def test_group_tokens_with_tail_blocks(M, k, E, BM, TM, small, monkeypatch):
     ids = _random_ids(M, k, E, M * 7 + BM, small, monkeypatch)
@@ -88,7 +89,8 @@ def test_group_tokens_with_tail_blocks(M, k, E, BM, TM, small, monkeypatch):
 @pytest.mark.parametrize("small", [True, False])
 def test_tail_block_boundaries(small, monkeypatch):
     """Counts 16, 17, 32, 48, 1, 0 and 49 with 32-row blocks and 16-row tails: a tail block for
-    16, 48 (32 + 16) and 1; a second full block for 17 and 49; none for 32."""
+    16, 48 (one full block + 16) and 1; a full block (17 > 16 rows) for 17, two for 49 (32 + 17);
+    one full block and no tail for 32; nothing for 0."""
     if not small:
         monkeypatch.setattr(km, "SMALL_GROUPING_MAX", 0)
     counts = [16, 17, 32, 48, 1, 0, 49]

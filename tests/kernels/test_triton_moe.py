@@ -459,8 +459,8 @@ def test_weight_first_on_gpu(name, fmt):
 @pytest.mark.parametrize("cfg", [KernelConfig(32, 32, 32, False, k_unroll=2, tail_m=16),
                                  KernelConfig(64, 32, 64, True, k_unroll=2, scale_words=True, tail_m=16)])
 def test_tail_blocks_match_reference(fmt, cfg):
-    """Tail blocks (tail_m): experts of 20, 10, 70 and 0 slots put 10 (both block sizes), 4
-    (32-row blocks) or 6 (64-row blocks) last rows in tail blocks and the rest in full blocks;
+    """Tail blocks (tail_m = 16): experts of 20, 10, 70 and 0 slots; at both block sizes (32 and
+    64 rows) the expert of 10 and the last 6 of the 70 go to tail blocks, the rest to full blocks;
     the output is the reference's, every row written."""
     spec, w = make(4, 2, 64, 96, fmt, seed=17)
     x, _, tw = inputs(spec, 50, seed=9, drop=0.0)
@@ -634,6 +634,13 @@ def test_the_invariant_backend_object_the_commands_take():
             "nan": None, "sizes": [1, 3, 16]}
     r = check.run_case(b, prep, spec, w, case, seed=4, tolerance=check.TOLERANCES["mxfp4"], require=("invariant",))
     assert r["status"] == "pass", r
+    name = "qmoe.backends.triton:INVARIANT"   # MoE (and so qmoe bench) takes the name too
+    moe = qmoe.MoE(spec, w, backend=name)
+    assert moe.plan.prepared[name].meta["batch_invariant"] and moe.plan.backend_for(5) == name
+    x, ids, tw = inputs(spec, 5, seed=2)
+    assert torch.equal(moe.experts(x, ids, tw), b.forward(prep, x, ids, tw, torch.empty_like(x)))
+    with pytest.raises(ValueError, match="cannot load 'qmoe.backends.triton:NOPE'"):
+        get_backend("qmoe.backends.triton:NOPE")
 
 
 

@@ -27,11 +27,19 @@ BACKEND_NAMES = tuple(MODULES)
 
 
 def get_backend(name: str) -> Backend:
-    """The backend object of that name.
+    """The backend object of that name: a qmoe backend name, or "module:attr" naming any object
+    that follows the backend protocol (out-of-tree backends, a backend in another mode such as
+    "qmoe.backends.triton:INVARIANT", tests).
 
     ValueError naming the known backends for an unknown name, or saying what failed to
     import (a missing optional dependency of that backend's module, say).
     """
+    if ":" in name:
+        mod, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"backend: cannot load {name!r} ({type(e).__name__}: {e})") from e
     if name not in MODULES:
         raise ValueError(f"backend: expected one of {', '.join(BACKEND_NAMES)} or 'auto', got {name!r}")
     try:

@@ -13,7 +13,6 @@ Conventions (every command):
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -131,14 +130,8 @@ def parse_backends(values, flag: str = "--backend", allow_auto: bool = False) ->
 
 
 def load_backend(name: str):
-    """A backend object: a qmoe backend name, or "module:attr" naming any object that follows
-    the backend protocol (out-of-tree backends, tests). ValueError when it cannot be loaded."""
-    if ":" in name:
-        mod, _, attr = name.partition(":")
-        try:
-            return getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"backend: cannot load {name!r} ({type(e).__name__}: {e})") from e
+    """A backend object by the commands' --backend name (registry.get_backend: a qmoe backend
+    name or "module:attr"). ValueError when it cannot be loaded."""
     return get_backend(name)
 
 

@@ -104,8 +104,9 @@ class KernelConfig:
         if _tail_problem(t, self.block_m):
             raise ValueError(f"KernelConfig.tail_m: {_tail_problem(t, self.block_m)}")
         if t and not (self.swap or self.block_m <= 32):
-            raise ValueError(f"KernelConfig.tail_m={t} with block_m={self.block_m} needs swap=True: a slot's bits "
-                             f"would depend on whether it lands in a tail block (wgmma) or not (mma.sync)")
+            raise ValueError(f"KernelConfig.tail_m={t} with block_m={self.block_m} and the weight second: a slot's "
+                             f"bits could depend on whether it lands in a tail block (its full blocks may run wgmma, "
+                             f"a tail of fewer rows mma.sync); use swap=True or block_m <= 32")
         if t and self.split_k1 > 1:
             raise ValueError(f"KernelConfig.tail_m={t}: not with split_k1={self.split_k1} (tail blocks are for "
                              f"prefill, split-K for few tokens)")
@@ -253,7 +254,8 @@ class MoEKernelWeights:
 def _tail_problem(tail_m: int, block_m: int) -> str | None:
     """Why tail_m is no tail-block size under blocks of block_m rows, or None (0: no tail blocks)."""
     if tail_m and (tail_m < 16 or tail_m & (tail_m - 1) or tail_m >= block_m):
-        return f"expected 0 or a power of two in [16, block_m={block_m}), got {tail_m}"
+        why = " (tail blocks need block_m >= 32)" if block_m <= 16 else ""
+        return f"expected 0 or a power of two in [16, block_m={block_m}), got {tail_m}{why}"
     return None
 
 
