@@ -626,6 +626,17 @@ def _rank_slots(ids_ptr, counts_ptr, rank_ptr, MK, E, start, CH: tl.constexpr):
 
 
 @triton.jit
+def _block_experts(ends, nreal, out_ptr, n, NBT: tl.constexpr):
+    """out_ptr[b] for b < n: the expert of block b, given each expert's end in blocks (cumulative;
+    an expert's blocks are contiguous), so how many experts end at or before it; -1 from block
+    nreal on."""
+    for b0 in range(0, n, NBT):
+        rb = b0 + tl.arange(0, NBT)
+        be = tl.sum((ends[None, :] <= rb[:, None]).to(tl.int32), axis=1)
+        tl.store(out_ptr + rb, tl.where(rb < nreal, be, -1), mask=rb < n)
+
+
+@triton.jit
 def _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB,
                    BM: tl.constexpr, E_P2: tl.constexpr, NBT: tl.constexpr, FT: tl.constexpr,
                    TM: tl.constexpr, split_ptr, NT):
@@ -637,33 +648,19 @@ def _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB,
     e's rows in blocks of BM (its first slots); starts_ptr[E + e] the start row of its tail block."""
     re = tl.arange(0, E_P2)
     cnt = tl.load(counts_ptr + re, mask=re < E, other=0, cache_modifier=".cg")
-    if TM > 0:
-        r = cnt % BM
-        tail = (r > 0) & (r <= TM)
-        padded = (cnt - tl.where(tail, r, 0) + BM - 1) // BM * BM
-    else:
-        padded = (cnt + BM - 1) // BM * BM
+    r = cnt % BM
+    tail = (r > 0) & (r <= TM)   # never when TM == 0
+    padded = (cnt - tl.where(tail, r, 0) + BM - 1) // BM * BM
     end = tl.cumsum(padded, axis=0)
     tl.store(starts_ptr + re, end - padded, mask=re < E)
-    bend = tl.where(re < E, end // BM, 2147483647)
-    nreal = tl.sum(padded, axis=0) // BM
-    for b0 in range(0, NB, NBT):
-        rb = b0 + tl.arange(0, NBT)
-        # a block's expert = how many experts end at or before it (experts are contiguous)
-        be = tl.sum((bend[None, :] <= rb[:, None]).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + rb, tl.where(rb < nreal, be, -1), mask=rb < NB)
+    _block_experts(tl.where(re < E, end // BM, 2147483647), tl.sum(padded, axis=0) // BM, block_expert_ptr, NB, NBT)
     rows = NB * BM
     if TM > 0:
         t = tail.to(tl.int32)
         tend = tl.cumsum(t, axis=0)
         tl.store(split_ptr + re, padded, mask=re < E)
         tl.store(starts_ptr + E + re, NB * BM + (tend - t) * TM, mask=re < E)
-        tbend = tl.where(re < E, tend, 2147483647)
-        ntail = tl.sum(t, axis=0)
-        for b0 in range(0, NT, NBT):
-            rb = b0 + tl.arange(0, NBT)
-            be = tl.sum((tbend[None, :] <= rb[:, None]).to(tl.int32), axis=1)
-            tl.store(block_expert_ptr + NB + rb, tl.where(rb < ntail, be, -1), mask=rb < NT)
+        _block_experts(tl.where(re < E, tend, 2147483647), tl.sum(t, axis=0), block_expert_ptr + NB, NT, NBT)
         rows += NT * TM
     for p0 in range(0, rows, FT):
         rp = p0 + tl.arange(0, FT)
