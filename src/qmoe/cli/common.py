@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..backends import BACKEND_NAMES, get_backend
+from ..dispatch.plan import probe  # noqa: F401  ((backend or None, reason) for a --backend name: one home)
 from ..formats import FORMATS
 from ..spec import PRESET_FORMATS, presets
 
@@ -133,16 +134,6 @@ def load_backend(name: str):
     """A backend object by the commands' --backend name (registry.get_backend: a qmoe backend
     name or "module:attr"). ValueError when it cannot be loaded."""
     return get_backend(name)
-
-
-def probe(name: str, spec, fmt: str, device):
-    """(backend or None, reason) for a backend name here; never raises."""
-    try:
-        b = load_backend(name)
-    except ValueError as e:
-        return None, str(e).removeprefix("backend: ")
-    sup = b.supports(spec, fmt, device)
-    return (b, sup.reason) if sup.ok else (None, sup.reason)
 
 
 # --- output -----------------------------------------------------------------------------------

@@ -14,12 +14,13 @@ arithmetic family run (configs.invariant: both GEMMs on wgmma, which for decode 
 first; no split-K), so a token's output is bitwise the same whatever else is in the batch and
 whichever bucket's configuration runs (the grouping only decides which program computes a row,
 never the row's arithmetic; measured at 4096-token prefixes for mxfp4, int4 and nvfp4 with the
-shipped entries of gpt-oss-120b, kimi-k2.5 and qwen3-30b-a3b on an H200, and checked by the tuner:
-an invariant winner must give the family's default configuration's bits). Since session 10 the family holds the fastest prefill configurations (the shipped table's
-prefill entries are the same in both modes); at decode it keeps the weight second's mma.sync
-tiles out: 1.03-1.10x for gpt-oss-120b and 1.01-1.05x for kimi-k2.5 at M = 1..256, at most
-1.01x for qwen3-30b-a3b (the tuner's interleaved final round, docs/performance.md), more than
-the 3% that would make it the default.
+shipped entries of gpt-oss-120b, kimi-k2.5 and qwen3-30b-a3b on an H200, and checked by the
+tuner: an invariant winner must give the family's default configuration's bits). Since session
+10 the family holds the fastest prefill configurations (the shipped table's prefill entries are
+the same in both modes); at decode it keeps the weight second's mma.sync tiles out: 1.03-1.10x
+for gpt-oss-120b and 1.01-1.05x for kimi-k2.5 at M = 1..256, at most 1.01x for qwen3-30b-a3b
+(the tuner's interleaved final round, docs/performance.md), more than the 3% that would make it
+the default.
 Switch it on before building a MoE:
 
     qmoe.backends.get_backend("triton").batch_invariant = True

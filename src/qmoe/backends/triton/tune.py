@@ -31,8 +31,8 @@ def tune(backend, spec, fmt: str, ms, device, progress=None, weights=None, reps:
     Two winners per M are kept: the fastest configuration, and the fastest of the batch-invariant
     family (configs.invariant, and bitwise equal to the family's default configuration on these
     inputs: the family is a rule measured on an H200, this is its check on this GPU; a member that
-    differs is marked "not_invariant" and never wins that entry); both go into the user's table (the latter in the batch-invariant
-    entry), so either mode of the backend runs its own best.
+    differs is marked "not_invariant" and never wins that entry); both go into the user's table
+    (the latter in the batch-invariant entry), so either mode of the backend runs its own best.
     Returns {"gpu", "problem", "buckets": {m: {"config", "us", "default_us", "invariant_config",
     "invariant_us", "tried"}}, "path"}; "us", "invariant_us" and "default_us" are times in the
     final round (the first pass's where no finalist of the kind ran in it); "tried" holds every
