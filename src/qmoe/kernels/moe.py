@@ -286,8 +286,9 @@ class Grouping:
         return self.block_expert.shape[0] - self.num_blocks
 
     def parts(self):
-        """[(rows per block, sorted_slots view, block_expert view, blocks)]: the blocks of block_m
-        rows, then the tail blocks if any; the views are what one GEMM launch reads."""
+        """[(rows per block R, sorted_slots view [blocks * R] int32, block_expert view [blocks]
+        int32, blocks)]: the blocks of block_m rows, then the tail blocks if any; the views are
+        what one GEMM launch reads."""
         rows = self.num_blocks * self.block_m
         out = [(self.block_m, self.sorted_slots[:rows], self.block_expert[:self.num_blocks], self.num_blocks)]
         if self.num_tail_blocks:
