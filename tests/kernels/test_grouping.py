@@ -116,3 +116,18 @@ def test_all_dropped():
     ids = torch.full((5, 2), -1, dtype=torch.int32, device=DEVICE)
     g = km.group_tokens(ids, 4, 16)
     assert g.block_expert.cpu().eq(-1).all() and g.sorted_slots.cpu().eq(-1).all()
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_one_expert_with_many_blocks(small, monkeypatch):
+    """Skewed routing: 200 of 240 slots on expert 5 (13 blocks of 16 rows), the rest spread over 20
+    experts: each expert writes its id into every one of its blocks, the rest of the blocks -1."""
+    if not small:
+        monkeypatch.setattr(km, "SMALL_GROUPING_MAX", 0)
+    g = torch.Generator().manual_seed(9)
+    flat = torch.cat([torch.full((200,), 5, dtype=torch.int32), torch.randint(-1, 20, (40,), generator=g,
+                                                                              dtype=torch.int32)])
+    ids = flat[torch.randperm(240, generator=g)].reshape(120, 2).to(DEVICE)
+    grp = km.group_tokens(ids, 20, 16)
+    _check(ids, 20, 16, grp)
+    assert int((grp.block_expert.cpu() == 5).sum()) >= 13

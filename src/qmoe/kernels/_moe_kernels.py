@@ -626,19 +626,22 @@ def _rank_slots(ids_ptr, counts_ptr, rank_ptr, MK, E, start, CH: tl.constexpr):
 
 
 @triton.jit
-def _block_experts(ends, nreal, out_ptr, n, NBT: tl.constexpr):
-    """out_ptr[b] for b < n: the expert of block b, given each expert's end in blocks (cumulative;
-    an expert's blocks are contiguous), so how many experts end at or before it; -1 from block
-    nreal on."""
-    for b0 in range(0, n, NBT):
-        rb = b0 + tl.arange(0, NBT)
-        be = tl.sum((ends[None, :] <= rb[:, None]).to(tl.int32), axis=1)
-        tl.store(out_ptr + rb, tl.where(rb < nreal, be, -1), mask=rb < n)
+def _block_experts(first, nblk, nreal, out_ptr, n, FT: tl.constexpr):
+    """out_ptr[b] for b < n: the expert of block b, given each expert's first block and block
+    count ([E_P2] each, lane e = expert e, 0 blocks past E; an expert's blocks are contiguous):
+    each expert writes its id into its blocks, one block of every expert per step (as many steps
+    as the largest expert has blocks); -1 from block nreal on."""
+    e = tl.arange(0, first.shape[0])
+    for j in range(0, tl.max(nblk, axis=0)):
+        tl.store(out_ptr + first + j, e, mask=j < nblk)
+    for b0 in range(nreal, n, FT):
+        rb = b0 + tl.arange(0, FT)
+        tl.store(out_ptr + rb, tl.full((FT,), -1, dtype=tl.int32), mask=rb < n)
 
 
 @triton.jit
 def _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB,
-                   BM: tl.constexpr, E_P2: tl.constexpr, NBT: tl.constexpr, FT: tl.constexpr,
+                   BM: tl.constexpr, E_P2: tl.constexpr, FT: tl.constexpr,
                    TM: tl.constexpr, split_ptr, NT):
     """Padded start row of each expert; the expert of every block; -1 in every sorted row.
 
@@ -653,14 +656,14 @@ def _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB,
     padded = (cnt - tl.where(tail, r, 0) + BM - 1) // BM * BM
     end = tl.cumsum(padded, axis=0)
     tl.store(starts_ptr + re, end - padded, mask=re < E)
-    _block_experts(tl.where(re < E, end // BM, 2147483647), tl.sum(padded, axis=0) // BM, block_expert_ptr, NB, NBT)
+    _block_experts((end - padded) // BM, padded // BM, tl.sum(padded, axis=0) // BM, block_expert_ptr, NB, FT)
     rows = NB * BM
     if TM > 0:
         t = tail.to(tl.int32)
         tend = tl.cumsum(t, axis=0)
         tl.store(split_ptr + re, padded, mask=re < E)
         tl.store(starts_ptr + E + re, NB * BM + (tend - t) * TM, mask=re < E)
-        _block_experts(tl.where(re < E, tend, 2147483647), tl.sum(t, axis=0), block_expert_ptr + NB, NT, NBT)
+        _block_experts(tend - t, t, tl.sum(t, axis=0), block_expert_ptr + NB, NT, FT)
         rows += NT * TM
     for p0 in range(0, rows, FT):
         rp = p0 + tl.arange(0, FT)
@@ -686,7 +689,7 @@ def _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, E, start, CH: tl
 @triton.jit
 def moe_group_small_kernel(ids_ptr, counts_ptr, starts_ptr, rank_ptr, sorted_ptr, block_expert_ptr, split_ptr,
                            MK, E, NB, NT, BM: tl.constexpr, CH: tl.constexpr, E_P2: tl.constexpr,
-                           NBT: tl.constexpr, FT: tl.constexpr, TM: tl.constexpr, PDL: tl.constexpr):
+                           FT: tl.constexpr, TM: tl.constexpr, PDL: tl.constexpr):
     """All of the grouping in one program (M * k <= CH): for decode, one launch."""
     _pdl_begin(PDL)
     re = tl.arange(0, E_P2)
@@ -694,7 +697,7 @@ def moe_group_small_kernel(ids_ptr, counts_ptr, starts_ptr, rank_ptr, sorted_ptr
     tl.debug_barrier()
     _rank_slots(ids_ptr, counts_ptr, rank_ptr, MK, E, 0, CH)
     tl.debug_barrier()
-    _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB, BM, E_P2, NBT, FT, TM, split_ptr, NT)
+    _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB, BM, E_P2, FT, TM, split_ptr, NT)
     tl.debug_barrier()
     _place_slots(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, MK, E, 0, CH, TM, split_ptr)
 
@@ -706,8 +709,8 @@ def moe_rank_kernel(ids_ptr, counts_ptr, rank_ptr, MK, E, CH: tl.constexpr):
 
 @triton.jit
 def moe_starts_kernel(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, split_ptr, E, NB, NT,
-                      BM: tl.constexpr, E_P2: tl.constexpr, NBT: tl.constexpr, FT: tl.constexpr, TM: tl.constexpr):
-    _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB, BM, E_P2, NBT, FT, TM, split_ptr, NT)
+                      BM: tl.constexpr, E_P2: tl.constexpr, FT: tl.constexpr, TM: tl.constexpr):
+    _expert_starts(counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, E, NB, BM, E_P2, FT, TM, split_ptr, NT)
 
 
 @triton.jit

@@ -324,14 +324,13 @@ def group_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int, pdl: bo
     block_expert = torch.empty(NB + NT, dtype=torch.int32, device=dev)
     ids = topk_ids.reshape(-1)
     e_p2 = max(16, triton.next_power_of_2(E))
-    nbt = max(1, min(64, 8192 // e_p2))
     # counts [E], starts [2E] (blocks of block_m, then tail blocks), split [E] (rows in blocks of block_m)
     if MK <= SMALL_GROUPING_MAX:
         scratch = torch.empty(4 * E + MK, dtype=torch.int32, device=dev)
         counts, starts, split, rank = scratch[:E], scratch[E:3 * E], scratch[3 * E:4 * E], scratch[4 * E:]
         K.moe_group_small_kernel[(1,)](
             ids, counts, starts, rank, sorted_slots, block_expert, split, MK, E, NB, NT,
-            BM=block_m, CH=max(16, triton.next_power_of_2(MK)), E_P2=e_p2, NBT=nbt, FT=1024, TM=tail_m, PDL=pdl,
+            BM=block_m, CH=max(16, triton.next_power_of_2(MK)), E_P2=e_p2, FT=1024, TM=tail_m, PDL=pdl,
             num_warps=4, **({"launch_pdl": True} if pdl else {}))
         return Grouping(sorted_slots, block_expert, block_m, tail_m, NB)
     counts = torch.zeros(E, dtype=torch.int32, device=dev)
@@ -341,7 +340,7 @@ def group_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int, pdl: bo
     ch = 1024
     K.moe_rank_kernel[(triton.cdiv(MK, ch),)](ids, counts, rank, MK, E, CH=ch, num_warps=4)
     K.moe_starts_kernel[(1,)](counts, starts, block_expert, sorted_slots, split, E, NB, NT,
-                              BM=block_m, E_P2=e_p2, NBT=nbt, FT=4096, TM=tail_m, num_warps=8)
+                              BM=block_m, E_P2=e_p2, FT=4096, TM=tail_m, num_warps=8)
     K.moe_place_kernel[(triton.cdiv(MK, ch),)](ids, rank, starts, sorted_slots, split, MK, E, CH=ch, TM=tail_m,
                                                num_warps=4)
     return Grouping(sorted_slots, block_expert, block_m, tail_m, NB)
