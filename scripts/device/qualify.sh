@@ -9,6 +9,7 @@
 #   bash scripts/device/qualify.sh models   # a patched HF model under a CUDA graph: time per forward
 #   bash scripts/device/qualify.sh parallel # EP / TP groups of one (NCCL) against plain qmoe.MoE
 #   bash scripts/device/qualify.sh ab       # the shipped configs against variants (VARIANTS, AB_TOKENS)
+#   bash scripts/device/qualify.sh split    # per-kernel time of the decode calls (torch profiler), with and without PDL
 #   bash scripts/device/qualify.sh ncu      # hardware counters of the decode GEMMs, qmoe's and the peers'
 #   bash scripts/device/qualify.sh a b ...  # several steps in one call
 #
@@ -91,11 +92,17 @@ step() {
       timeout ${T_AB:-240} python3 scripts/device/config_ab.py --presets "$PRESETS" --tokens ${AB_TOKENS:-1024,4096,8192} \
         --variants "${VARIANTS:-scale_words=flip}" > "$OUT/config_ab.log" 2>&1
       echo "ab rc=$?"; sed -n '/^preset /,$p' "$OUT/config_ab.log" | tail -${AB_TAIL:-40} ;;
+    split)
+      for f in "" --no-pdl; do
+        timeout ${T_SPLIT:-150} python3 scripts/device/kernel_split.py --presets "$PRESETS" --tokens ${SPLIT_TOKENS:-1,4,16} \
+          $f > "$OUT/kernel_split$f.log" 2>&1
+        echo "split $f rc=$?"; tail -12 "$OUT/kernel_split$f.log"
+      done ;;
     parallel)
       timeout ${T_PARALLEL:-120} python3 scripts/device/parallel_check.py --presets ${PAR_PRESETS:-gpt-oss-120b} \
         > "$OUT/parallel.log" 2>&1
       echo "parallel rc=$?"; tail -16 "$OUT/parallel.log" ;;
-    *) echo "usage: qualify.sh tests|probe|bench|tune|check|models|ncu|parallel|ab ..." >&2; exit 2 ;;
+    *) echo "usage: qualify.sh tests|probe|bench|tune|check|models|ncu|parallel|ab|split ..." >&2; exit 2 ;;
   esac
 }
 for s in "$@"; do

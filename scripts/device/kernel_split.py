@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Where a decode call's time goes: the triton backend's table configuration per preset and M,
+called eagerly with the L2 flushed before each call (as qmoe bench does), its kernels timed by
+the torch profiler (mean us per call, by kernel name). Prints a table; writes
+$OUT/kernel_split.json (kernel_split_nopdl.json with --no-pdl).
+
+    PYTHONPATH=src python3 scripts/device/kernel_split.py [--presets ...] [--tokens 1,4,16] [--no-pdl]
+
+With programmatic dependent launch (the table's decode entries) a kernel starts while the one
+before it runs and waits on the device, so its profiled time includes that wait: the parts then
+overlap and do not add up to the call. --no-pdl runs the same configurations without it, so each
+kernel's time is its own (the call is then slower by the launch gaps PDL hides).
+"""
+
+import argparse
+import collections
+import json
+import os
+import sys
+from dataclasses import replace
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
+
+import qmoe  # noqa: E402
+from qmoe.backends import get_backend  # noqa: E402
+from qmoe.spec import PRESET_FORMATS  # noqa: E402
+from qmoe.weights import random_weights  # noqa: E402
+
+FORMATS = {"qwen3-30b-a3b": "nvfp4"}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", default="gpt-oss-120b,kimi-k2.5,qwen3-30b-a3b")
+    ap.add_argument("--tokens", default="1,4,16")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--no-pdl", action="store_true", help="the table's configurations without PDL")
+    args = ap.parse_args()
+    b = get_backend("triton")
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    rows = []
+    for name in args.presets.split(","):
+        spec = qmoe.presets[name]
+        prep = b.prepare(spec, random_weights(spec, FORMATS.get(name, PRESET_FORMATS[name]), "cuda", seed=0))
+        for m in (int(t) for t in args.tokens.split(",")):
+            cfg = b.config_for(prep, m)
+            if args.no_pdl:
+                cfg = replace(cfg, pdl=False)
+            g = torch.Generator(device="cuda").manual_seed(m)
+            x = torch.randn(m, spec.hidden_size, device="cuda", generator=g).to(torch.bfloat16)
+            ids, w = qmoe.route(spec, torch.randn(m, spec.num_experts, device="cuda", generator=g))
+            out = torch.empty(m, spec.hidden_size, dtype=torch.bfloat16, device="cuda")
+            for _ in range(3):
+                b.forward(prep, x, ids, w, out, config=cfg)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.calls):
+                    flush.zero_()
+                    b.forward(prep, x, ids, w, out, config=cfg)
+                torch.cuda.synchronize()
+            per = collections.defaultdict(float)
+            for ev in prof.events():
+                if ev.device_type == torch.autograd.DeviceType.CUDA and "elementwise" not in ev.name \
+                        and "fill" not in ev.name.lower():
+                    per[ev.name[:40]] += ev.time_range.elapsed_us() / args.calls
+            row = {"preset": name, "M": m, "pdl": cfg.pdl, "config": str(cfg), "us": dict(per),
+                   "sum_us": sum(per.values())}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del prep
+        torch.cuda.empty_cache()
+    with open(os.path.join(os.environ.get("OUT", "."), "kernel_split_nopdl.json" if args.no_pdl else "kernel_split.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    for r in rows:
+        print(f"{r['preset']:14} {r['M']:4} pdl={int(r['pdl'])} sum {r['sum_us']:7.1f}  " + "  ".join(f"{k}={v:.1f}" for k, v in sorted(r["us"].items())))
+
+
+if __name__ == "__main__":
+    main()
