@@ -26,9 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 import qmoe  # noqa: E402
 from qmoe.backends import get_backend  # noqa: E402
 from qmoe.spec import PRESET_FORMATS  # noqa: E402
+from qmoe.timing import L2_FLUSH_BYTES  # noqa: E402
 from qmoe.weights import random_weights  # noqa: E402
-
-FORMATS = {"qwen3-30b-a3b": "nvfp4"}
 
 
 def main():
@@ -39,11 +38,11 @@ def main():
     ap.add_argument("--no-pdl", action="store_true", help="the table's configurations without PDL")
     args = ap.parse_args()
     b = get_backend("triton")
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")  # what qmoe.timing zeroes
     rows = []
     for name in args.presets.split(","):
         spec = qmoe.presets[name]
-        prep = b.prepare(spec, random_weights(spec, FORMATS.get(name, PRESET_FORMATS[name]), "cuda", seed=0))
+        prep = b.prepare(spec, random_weights(spec, PRESET_FORMATS[name], "cuda", seed=0))
         for m in (int(t) for t in args.tokens.split(",")):
             cfg = b.config_for(prep, m)
             if args.no_pdl:
@@ -71,10 +70,12 @@ def main():
             print(json.dumps(row), flush=True)
         del prep
         torch.cuda.empty_cache()
-    with open(os.path.join(os.environ.get("OUT", "."), "kernel_split_nopdl.json" if args.no_pdl else "kernel_split.json"), "w") as f:
+    path = os.path.join(os.environ.get("OUT", "."), "kernel_split_nopdl.json" if args.no_pdl else "kernel_split.json")
+    with open(path, "w") as f:
         json.dump(rows, f, indent=1)
     for r in rows:
-        print(f"{r['preset']:14} {r['M']:4} pdl={int(r['pdl'])} sum {r['sum_us']:7.1f}  " + "  ".join(f"{k}={v:.1f}" for k, v in sorted(r["us"].items())))
+        parts = "  ".join(f"{k}={v:.1f}" for k, v in sorted(r["us"].items()))
+        print(f"{r['preset']:14} {r['M']:4} pdl={int(r['pdl'])} sum {r['sum_us']:7.1f}  {parts}")
 
 
 if __name__ == "__main__":
