@@ -3,7 +3,8 @@
 few KernelConfig fields of the table's entry; all are timed against each other
 (qmoe.timing.measure_many: CUDA-graph replays interleaved, L2 flushed) and their outputs compared
 with the table's, bitwise (a variant that only changes how the loads are scheduled must give the
-same bits; one that changes the K reduction, such as split-K, may not).
+same bits; one that changes the K reduction, such as split-K, may not: then the relative
+difference to the table's output says whether it is rounding or a wrong answer).
 
     PYTHONPATH=src python3 scripts/device/config_ab.py [--presets ...] [--tokens 1,16,64] \
         [--variants "num_stages=4;block_n1=128,block_n2=128;scale_words=flip"]
@@ -110,6 +111,9 @@ def main():
                        "error": r.get("error"), "same_bits": bool(torch.equal(outs["table"], outs[n])) if ran else None}
                 if row["us"] and base:
                     row["ratio"] = row["us"] / base
+                if ran and not row["same_bits"]:   # how far: rounding (~1e-3) or a wrong answer (~1)
+                    d = (outs[n].double() - outs["table"].double()).norm() / outs["table"].double().norm()
+                    row["rel_diff"] = float(d)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             for n, why in refused.items():
@@ -126,7 +130,7 @@ def main():
             print(f"{r['preset']:14} {r['M']:5} {r['variant']:40} error: {str(r['error'])[:60]}")
         else:
             print(f"{r['preset']:14} {r['M']:5} {r['variant']:40} {r['us']:8.1f} {r.get('ratio', 0):6.3f} "
-                  f"{'same' if r['same_bits'] else 'DIFFER'}")
+                  f"{'same' if r['same_bits'] else 'differ by %.1e' % r['rel_diff']}")
 
 
 if __name__ == "__main__":

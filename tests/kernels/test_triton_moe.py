@@ -213,12 +213,25 @@ def test_the_invariant_family_is_wgmma_and_every_invariant_default_is_in_it():
     outside = [KernelConfig(16, 64, 64, False), KernelConfig(32, 64, 128, False),   # mma.sync, weight second
                KernelConfig(16, 32, 64, True), KernelConfig(16, 64, 32, True),      # a 32-column tile: mma.sync
                KernelConfig(16, 64, 64, True, num_warps=2),                          # not a warpgroup
+               KernelConfig(8, 64, 128, True), KernelConfig(8, 128, 128, True, num_warps=8),  # 8 rows: mma.sync
                KernelConfig(16, 64, 64, True, split_k=2), KernelConfig(16, 64, 64, True, split_k1=2)]
     assert all(configs.invariant(c) for c in inside)
     assert not any(configs.invariant(c) for c in outside)
     for m in (1, 16, 64, 256, 1024, 4096, 8192, 65536):
         for fmt in FORMATS:
             assert configs.invariant(configs.default_config(m, 8, 128, fmt, batch_invariant=True)), (m, fmt)
+
+
+def test_eight_row_blocks_need_the_weight_first():
+    """8-row blocks are the N side of mma.sync's m16n8k16 only with the weight first; with the
+    weight second they would be 16 MMA rows of which 8 are padding, and are refused."""
+    with pytest.raises(ValueError, match="block_m=8 needs swap=True"):
+        KernelConfig(8, 64, 64, False)
+    with pytest.raises(ValueError, match="block_m: expected a power of two >= 8"):
+        KernelConfig(4, 64, 64, True)
+    with pytest.raises(ValueError, match="block_n1: expected a power of two >= 16"):
+        KernelConfig(16, 8, 64, True)
+    assert KernelConfig(8, 64, 64, True).block_m == 8
 
 
 def test_split_k_configs_refuse_bad_counts():
@@ -410,12 +423,16 @@ def test_large_scales_on_gpu(fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("cfg", [KernelConfig(16, 32, 32, True, k_unroll=2),
                                  KernelConfig(64, 32, 64, True, k_unroll=2, scale_words=True),
-                                 KernelConfig(16, 32, 32, True, k_unroll=8)])
+                                 KernelConfig(16, 32, 32, True, k_unroll=8),
+                                 KernelConfig(8, 32, 32, True, k_unroll=2, scale_words=True),
+                                 KernelConfig(8, 32, 64, True, k_unroll=4, direct=True)])
 def test_weight_first_matches_reference(fmt, cfg):
     """The weight as the MMA's first operand (swap; nvfp4: one MMA per quad of K, the masked
     remainder past H per half) for every format. H = 160 leaves a masked remainder in GEMM1
     (mxfp4, int4: 2 whole chunks and a half one; nvfp4: 5 chunks, a half one); k_unroll 8 leaves
-    both GEMMs' chunks to the loops past the unrolled one (GEMM2's quads included)."""
+    both GEMMs' chunks to the loops past the unrolled one (GEMM2's quads included). 8-row blocks:
+    18 slots over 4 experts, several blocks per expert, grouped by the grouping kernels and
+    inside the GEMMs (direct)."""
     spec, w = make(4, 2, 160, 96, fmt, seed=13)
     b = get_backend("triton")
     prep = b.prepare(spec, w)
@@ -438,7 +455,8 @@ def test_weight_first_on_gpu(name, fmt):
     b = get_backend("triton")
     prep = b.prepare(spec, w)
     cfgs = [KernelConfig(bm, bn, bn, True, nw, 3, 2, scale_words=True)
-            for bm, bn, nw in ((128, 128, 8), (128, 64, 4), (64, 128, 8), (64, 64, 4), (32, 64, 4))]
+            for bm, bn, nw in ((128, 128, 8), (128, 64, 4), (64, 128, 8), (64, 64, 4), (32, 64, 4), (8, 64, 4),
+                               (8, 128, 4))]
     for M in (64, 1500):
         g = torch.Generator(device="cuda").manual_seed(M)
         x = torch.randn(M, spec.hidden_size, device="cuda", generator=g).to(torch.bfloat16)

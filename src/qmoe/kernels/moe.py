@@ -45,7 +45,8 @@ no grouping launch; each GEMM program finds its block from the ids (O(slots^2) i
 class KernelConfig:
     """Launch configuration of one MoE call.
 
-    block_m: sorted token rows per program (16..128); block_n1 / block_n2: output columns per
+    block_m: sorted token rows per program (16..128; 8 with swap, where the token rows are
+    mma.sync's 8-column N side: half the MMAs and activation loads of 16 rows); block_n1 / block_n2: output columns per
     program in GEMM1 (intermediate) / GEMM2 (hidden); swap: weights as the MMA's first operand
     (accumulator transposed); k_unroll: K chunks per loop iteration (loads in flight; even: the
     kernels read chunks in pairs);
@@ -88,8 +89,12 @@ class KernelConfig:
     def __post_init__(self):
         for f in ("block_m", "block_n1", "block_n2"):
             v = getattr(self, f)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"KernelConfig.{f}: expected a power of two >= 16, got {v}")
+            low = 8 if f == "block_m" else 16
+            if v < low or v & (v - 1):
+                raise ValueError(f"KernelConfig.{f}: expected a power of two >= {low}, got {v}")
+        if self.block_m < 16 and not self.swap:
+            raise ValueError(f"KernelConfig.block_m={self.block_m} needs swap=True: with the weight second the "
+                             f"token rows are the MMA's M side, which is 16 rows (mma.sync) whatever the block")
         if self.k_unroll not in (2, 4, 8):
             raise ValueError(f"KernelConfig.k_unroll: expected 2, 4 or 8 (the kernels read K chunks in pairs: "
                              f"kernels/layout.py), got {self.k_unroll}")
