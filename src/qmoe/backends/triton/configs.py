@@ -216,7 +216,7 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     expert sees one token, and GEMM1 in two parts up to 4 tokens per expert (twice the programs,
     for a short last wave); 32- and 64-row blocks in between; 128-row blocks for prefill; at every
     M also with the weight as the MMA's first operand (`swap`: a wgmma register operand on Hopper,
-    the batch-invariant family): 16-row decode tiles, and from 2 tokens per expert 32- to 128-row
+    the batch-invariant family): 16-row decode tiles, 8-row ones (mma.sync, outside that family), and from 2 tokens per expert 32- to 128-row
     blocks, 4 stages or 4 chunks per iteration, and tail blocks (`KernelConfig.tail_m`).
     All load the scales as 32- or 64-bit words (`default_config`)."""
     from ...kernels.moe import KernelConfig as C
@@ -238,6 +238,11 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
         out += [C(16, 64, 64, True, 4, 3, 4, **fast), C(16, 64, 128, True, 4, 3, 4, **fast),
                 C(16, 64, 128, True, 4, 3, 4, **lat), C(16, 64, 128, True, 4, 4, 4, **lat),
                 C(16, 128, 128, True, 8, 3, 4, **lat), C(16, 64, 64, True, 4, 3, 2, **lat)]
+        # 8-row blocks, the weight first (mma.sync's n8 side: half the MMAs and activation loads of 16
+        # rows): 0.86-0.95x the table's time at M = 1..256 for kimi-k2.5, 0.90-0.94x at M = 4..64 for
+        # gpt-oss-120b, 0.91-0.98x at M = 1..64 for qwen3-30b-a3b (session 12)
+        out += [C(8, 64, 64, True, 4, 3, 4, **fast), C(8, 64, 128, True, 4, 3, 4, **fast),
+                C(8, 64, 128, True, 4, 3, 4, **lat), C(8, 32, 64, True, 2, 3, 4, **fast)]
         if fmt == "nvfp4":  # 2 warps: 3-4% faster for qwen3-30b-a3b at M = 16 and 64, slower elsewhere (session 6)
             out += [C(16, 64, 128, False, 2, 3, 4, **fast), C(16, 64, 128, False, 2, 3, 4, pdl=True)]
         if per_expert <= 0.5:  # few active experts: split-K, 2 or 4 K parts per tile, in GEMM2 and GEMM1
