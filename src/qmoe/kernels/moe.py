@@ -46,10 +46,10 @@ class KernelConfig:
     """Launch configuration of one MoE call.
 
     block_m: sorted token rows per program (16..128; 8 with swap, where the token rows are
-    mma.sync's 8-column N side: half the MMAs and activation loads of 16 rows); block_n1 / block_n2: output columns per
-    program in GEMM1 (intermediate) / GEMM2 (hidden); swap: weights as the MMA's first operand
-    (accumulator transposed); k_unroll: K chunks per loop iteration (loads in flight; even: the
-    kernels read chunks in pairs);
+    mma.sync's 8-column N side: half the MMAs and activation loads of 16 rows); block_n1 /
+    block_n2: output columns per program in GEMM1 (intermediate) / GEMM2 (hidden); swap:
+    weights as the MMA's first operand (accumulator transposed); k_unroll: K chunks per loop
+    iteration (loads in flight; even: the kernels read chunks in pairs);
     warps/stages per GEMM; split_k: GEMM2 as this many K parts per tile (partial sums added in
     the combine, in a fixed order); split_k1: GEMM1 as this many K parts per tile (the tile's
     last program adds the fp32 partial sums in split order, then runs the SwiGLU epilogue);
