@@ -22,9 +22,9 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 GEMM1 = {"x_ptr": "*bf16", "stride_xm": "i32", "w_ptr": "*u8", "s_ptr": "*u8", "gs_ptr": "*fp32", "b_ptr": "*fp32",
          "inter_ptr": "*bf16", "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "ids_ptr": "*i32", "MK": "i32",
          "E": "i32", "H": "i32", "Ip": "i32", "Kp": "i32", "top_k": "i32", "n_tiles": "i32", "KB": "i32",
-         "NSC": "i32", "alpha": "fp32", "beta": "fp32", "limit": "fp32",
+         "WE": "i32", "WR": "i32", "WP": "i32", "NSC": "i32", "alpha": "fp32", "beta": "fp32", "limit": "fp32",
          "part_ptr": "*fp32", "lock_ptr": "*i32", "part_stride": "i32"}
-NEW_CONSTEXPRS = {"SPLIT": 1, "WORDS": False}
+NEW_CONSTEXPRS = {"SPLIT": 1, "WORDS": False, "PB": 64}
 """Constexprs a later revision added, at the value that keeps the earlier code path."""
 
 

@@ -29,8 +29,8 @@ TYPES = {"x_ptr": "*bf16", "inter_ptr": "*bf16", "w_ptr": "*u8", "gs_ptr": "*fp3
          "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "topk_w_ptr": "*fp32", "ids_ptr": "*i32",
          "part_ptr": "*fp32", "lock_ptr": "*i32", "alpha": "fp32", "beta": "fp32", "limit": "fp32"}
 DIVISIBLE = {"x_ptr", "w_ptr", "s_ptr", "gs_ptr", "b_ptr", "inter_ptr", "y_ptr", "sorted_ptr", "block_expert_ptr",
-             "ids_ptr", "topk_w_ptr", "part_ptr", "lock_ptr", "stride_xm", "H", "Hp", "Ip", "Kp", "KB", "part_stride",
-             "y_split_stride"}
+             "ids_ptr", "topk_w_ptr", "part_ptr", "lock_ptr", "stride_xm", "H", "Hp", "Ip", "Kp", "WE", "WR", "WP",
+             "part_stride", "y_split_stride"}
 """Arguments a launch makes divisible by 16 (NSC, the scale row stride, is not always)."""
 MIO = ("LDS", "LDSM", "STS", "LDGSTS", "BAR", "LDGDEPBAR", "DEPBAR", "SHFL")
 
@@ -48,7 +48,7 @@ def compile_kernel(args):
     fmt, G, s_type = FORMATS[args.fmt]
     const = dict(FMT=fmt, G=G, HAS_BIAS=True, BM=args.block_m, BN=args.block_n, SWAP=bool(args.swap),
                  CDT=tl.bfloat16, ASM=True, U=args.k_unroll, FOLD=True, DIRECT=False, MKP=16, PDL=False,
-                 SPLIT=args.split, WORDS=args.words)
+                 SPLIT=args.split, WORDS=args.words, PB=64)
     if args.kernel == "gemm1":
         fn = K.moe_gemm1_kernel
         const["HAS_LIMIT"] = True

@@ -9,6 +9,10 @@ difference to the table's output says whether it is rounding or a wrong answer).
     PYTHONPATH=src python3 scripts/device/config_ab.py [--presets ...] [--tokens 1,16,64] \
         [--variants "num_stages=4;block_n1=128,block_n2=128;scale_words=flip"]
 
+With --row-order, one more variant per M: the table's configuration on the same weights stored in
+row order (the kernel layout's [E, N, K/(2P), P] view made contiguous: kernels/layout.py), against
+the panel order they are prepared in.
+
 A variant is a comma-separated list of field=value (value an integer, true/false, or `flip` for a
 flag); variants are separated by `;`. A variant the configuration checks refuse (KernelConfig's,
 and problem_with's for the weights' format and padded shape) is reported as refused with the
@@ -73,6 +77,7 @@ def main():
     ap.add_argument("--tokens", default="1024,4096,8192")
     ap.add_argument("--variants", default="scale_words=flip")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--row-order", action="store_true", help="also time the table's config on row-ordered weights")
     args = ap.parse_args()
     changes = parse_variants(args.variants)
     b = get_backend("triton")
@@ -81,13 +86,18 @@ def main():
         spec = qmoe.presets[name]
         fmt = FORMATS.get(name, PRESET_FORMATS[name])
         prep = b.prepare(spec, random_weights(spec, fmt, "cuda", seed=0))
+        preps = {}
+        if args.row_order:
+            kw0 = prep.meta["kernel_weights"]
+            kw_rows = replace(kw0, w13=kw0.w13.contiguous(), w2=kw0.w2.contiguous(), counters=[])
+            preps["row order"] = replace(prep, meta={**prep.meta, "kernel_weights": kw_rows})
         for m in (int(t) for t in args.tokens.split(",")):
             table = b.config_for(prep, m)
             g = torch.Generator(device="cuda").manual_seed(m)
             x = torch.randn(m, spec.hidden_size, device="cuda", generator=g).to(torch.bfloat16)
             ids, w = qmoe.route(spec, torch.randn(m, spec.num_experts, device="cuda", generator=g))
             kw = prep.meta["kernel_weights"]
-            configs, refused = {"table": table}, {}
+            configs, refused = {"table": table, **{n: table for n in preps}}, {}
             for ch in changes:
                 try:
                     c = apply(table, ch)
@@ -101,7 +111,8 @@ def main():
                     refused[label(ch)] = why
             outs = {n: torch.full((m, spec.hidden_size), float("nan"), dtype=torch.bfloat16, device="cuda")
                     for n in configs}
-            fns = {n: (lambda n=n, c=c, p=prep: b.forward(p, x, ids, w, outs[n], config=c)) for n, c in configs.items()}
+            fns = {n: (lambda n=n, c=c, p=preps.get(n, prep): b.forward(p, x, ids, w, outs[n], config=c))
+                   for n, c in configs.items()}
             res = measure_many(fns, device="cuda", warmup=3, reps=args.reps)
             base = res["table"].get("median_us")
             for n, c in configs.items():
@@ -118,7 +129,7 @@ def main():
                 print(json.dumps(row), flush=True)
             for n, why in refused.items():
                 rows.append({"preset": name, "M": m, "variant": n, "refused": why})
-        del prep
+        del prep, preps
         torch.cuda.empty_cache()
     with open(os.path.join(os.environ.get("OUT", "."), "config_ab.json"), "w") as f:
         json.dump(rows, f, indent=1)

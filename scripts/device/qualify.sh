@@ -8,7 +8,7 @@
 #   bash scripts/device/qualify.sh check    # qmoe check of every usable backend
 #   bash scripts/device/qualify.sh models   # a patched HF model under a CUDA graph: time per forward
 #   bash scripts/device/qualify.sh parallel # EP / TP groups of one (NCCL) against plain qmoe.MoE
-#   bash scripts/device/qualify.sh ab       # the shipped configs against variants (VARIANTS, AB_TOKENS)
+#   bash scripts/device/qualify.sh ab       # the shipped configs against variants (VARIANTS, AB_TOKENS, AB_FLAGS)
 #   bash scripts/device/qualify.sh split    # per-kernel time of the decode calls (torch profiler), with and without PDL
 #   bash scripts/device/qualify.sh ncu      # hardware counters of the decode GEMMs, qmoe's and the peers'
 #   bash scripts/device/qualify.sh a b ...  # several steps in one call
@@ -90,7 +90,7 @@ step() {
       echo "ncu rc=$?"; python3 scripts/device/ncu_table.py "$OUT/ncu_decode.txt" | cut -c1-170 | head -60 ;;
     ab)
       timeout ${T_AB:-240} python3 scripts/device/config_ab.py --presets "$PRESETS" --tokens ${AB_TOKENS:-1024,4096,8192} \
-        --variants "${VARIANTS:-scale_words=flip}" > "$OUT/config_ab.log" 2>&1
+        --variants "${VARIANTS:-scale_words=flip}" ${AB_FLAGS:-} > "$OUT/config_ab.log" 2>&1
       echo "ab rc=$?"; sed -n '/^preset /,$p' "$OUT/config_ab.log" | tail -${AB_TAIL:-40} ;;
     split)
       for f in "" --no-pdl; do

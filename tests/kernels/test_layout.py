@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import qmoe
-from qmoe.kernels.layout import (E2M1_WORD_BITS, INT4_WORD_BITS, KT, NVFP4_CODE_BIAS, from_kernel_layout,
+from qmoe.kernels.layout import (E2M1_WORD_BITS, INT4_WORD_BITS, KT, NVFP4_CODE_BIAS, PANEL, from_kernel_layout,
                                  nvfp4_codes_problem, nvfp4_scale_codes, nvfp4_scales_of_codes, to_kernel_layout)
 from qmoe.kernels.moe import MoEKernelWeights
 
@@ -17,12 +17,28 @@ def test_round_trip(fmt, halves, N, K):
     q = qmoe.quantize(torch.randn(3, N, K), fmt)
     block = qmoe.formats.block_size(fmt)
     d, s = to_kernel_layout(q.data, q.scales, block, halves=halves)
-    assert d.shape[1] % 128 == 0 and d.shape[2] * 2 % KT == 0
+    kp = 2 * d.shape[2] * d.shape[3]
+    assert d.shape[1] % 128 == 0 and kp % KT == 0 and d.shape[3] == PANEL
+    assert d.transpose(1, 2).is_contiguous(), "stored in panel order: [E, K/(2P), N, P]"
     # scale rows start on 8-byte boundaries (mxfp4 at K = 384: 12-byte rows, 16 apart)
-    assert s.shape[2] == d.shape[2] * 2 // block and s.stride(1) * s.element_size() % 8 == 0
-    d2, s2 = from_kernel_layout(d, s, N, K, block, SCALE_DTYPES[fmt], halves=halves)
-    assert torch.equal(d2, q.data)
-    assert torch.equal(s2.view(torch.uint8), q.scales.view(torch.uint8))
+    assert s.shape[2] == kp // block and s.stride(1) * s.element_size() % 8 == 0
+    for view in (d, d.contiguous()):   # panel order, and the same view in row order
+        d2, s2 = from_kernel_layout(view, s, N, K, block, SCALE_DTYPES[fmt], halves=halves)
+        assert torch.equal(d2, q.data)
+        assert torch.equal(s2.view(torch.uint8), q.scales.view(torch.uint8))
+
+
+def test_panel_order_in_memory():
+    """Byte j of row n (expert e) sits at e * N * K/2 + (j // P) * N * P + n * P + j % P of the
+    storage: each panel of all rows is one contiguous run."""
+    codes = torch.randint(0, 16, (2, 128, 384), dtype=torch.uint8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    d, _ = to_kernel_layout(packed, torch.zeros(2, 128, 12, dtype=torch.uint8), 32)
+    rows = d.reshape(2, 128, 192)                     # row order
+    flat = torch.as_strided(d, (d.numel(),), (1,))    # the storage
+    e, n, j = torch.meshgrid(torch.arange(2), torch.arange(128), torch.arange(192), indexing="ij")
+    at = e * 128 * 192 + (j // PANEL) * 128 * PANEL + n * PANEL + j % PANEL
+    assert torch.equal(flat[at], rows)
 
 
 @pytest.mark.parametrize("fmt,word_bits", [("mxfp4", E2M1_WORD_BITS), ("nvfp4", E2M1_WORD_BITS),
@@ -45,7 +61,7 @@ def test_word_bits_give_the_values_the_gpu_decode_extracts():
     half = codes.long().view(3, 4, 16, 2)                      # [row, half t, word q, element of the pair]
     for word_bits in (E2M1_WORD_BITS, INT4_WORD_BITS):
         d, _ = to_kernel_layout(packed[None], torch.zeros(1, 3, 4, dtype=torch.uint8), 32, word_bits=word_bits)
-        b = d[0, :3, :64].long().view(3, 16, 4)
+        b = d[0, :3].reshape(3, -1)[:, :64].long().view(3, 16, 4)
         w = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
         if word_bits is E2M1_WORD_BITS:
             rotl = (lambda v, r: ((v << r) | (v >> (32 - r))) & 0xFFFFFFFF)
@@ -126,7 +142,8 @@ def test_nibble_placement_and_padding():
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
     scales = torch.randint(0, 255, (1, 3, 200 // 32 + 1), dtype=torch.uint8)[..., : 200 // 32]
     d, s = to_kernel_layout(packed, scales.contiguous(), 32)
-    assert d.shape == (1, 128, 128) and s.shape == (1, 128, 8)
+    assert d.shape == (1, 128, 128 // PANEL, PANEL) and s.shape == (1, 128, 8)
+    d = d.reshape(1, 128, 128)
 
     def code_at(row, k):
         quad, t, p = k // 128, k % 128 // 32, k % 32
@@ -161,3 +178,18 @@ def test_kernel_weights_round_trip_with_bias_and_global_scales():
 def test_rejects_unknown_format():
     with pytest.raises(ValueError, match="fmt: expected one of"):
         MoEKernelWeights.from_canonical("bf16", *(torch.zeros(1, 2, 2, dtype=torch.uint8),) * 4)
+
+
+def test_kernel_weights_refuse_a_layout_the_kernels_cannot_read():
+    """MoEKernelWeights says why for weights not in the kernel layout's [E, N, K/(2P), P] view
+    (row-major [E, N, K/2] bytes, or panels that split a chunk pair), and takes the row order."""
+    w = qmoe.random_weights(qmoe.MoESpec(num_experts=2, hidden_size=128, intermediate_size=128, top_k=1),
+                            "mxfp4", "cpu", seed=0)
+    kw = MoEKernelWeights.from_canonical("mxfp4", w.w13.data, w.w13.scales, w.w2.data, w.w2.scales)
+    E, N = kw.w13.shape[:2]
+    with pytest.raises(ValueError, match="kernel layout"):
+        MoEKernelWeights("mxfp4", kw.H, kw.I, kw.w13.reshape(E, N, -1), kw.s13, kw.w2, kw.s2)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        MoEKernelWeights("mxfp4", kw.H, kw.I, kw.w13.reshape(E, N, -1, 32), kw.s13, kw.w2, kw.s2)
+    rows = MoEKernelWeights("mxfp4", kw.H, kw.I, kw.w13.contiguous(), kw.s13, kw.w2.contiguous(), kw.s2)
+    assert torch.equal(rows.to_canonical(torch.uint8)[0], w.w13.data)

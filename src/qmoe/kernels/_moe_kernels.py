@@ -1,9 +1,10 @@
 """Triton bodies of qmoe's MoE kernels (the public entry is kernels/moe.py).
 
-Row strides of the packed weights (KB, bytes) and of their scales (NSC) are kernel
-arguments, not computed inside: Triton specializes integer arguments divisible by 16, and
-only then can it prove 16-byte aligned rows and issue 16-byte loads (computed strides gave
-one-byte loads, 16x the load instructions).
+The packed weights' strides (WE, WR, WP: expert, row and panel, in bytes; PB, a panel's bytes per
+row, is a constexpr) and their scales' row stride (NSC) are kernel arguments, not computed
+inside: Triton specializes integer arguments divisible by 16, and only then can it prove 16-byte
+aligned rows and issue 16-byte loads (computed strides gave one-byte loads, 16x the load
+instructions).
 
 Formats (FMT constexpr): 0 = mxfp4 (E2M1 + E8M0 per 32), 1 = nvfp4 (E2M1 + E4M3 per 16,
 fp32 global scale per expert), 2 = int4 (signed int4 + bf16 per 32). Weights are in the
@@ -154,11 +155,11 @@ def _interleave2(a, b):
 
 
 @triton.jit
-def _pair_codes(w_rows, c, G: tl.constexpr, FMT: tl.constexpr):
+def _pair_codes(w_rows, c, G: tl.constexpr, FMT: tl.constexpr, WP, PB: tl.constexpr):
     """Interpreter path: the codes of chunks c, c + 1 (c even) as their four halves (lo_c, hi_c,
     lo_c+1, hi_c+1), [BN, G] uint32 each, from the arranged words (word q: elements 2q, 2q + 1)."""
     q = tl.arange(0, G // 2)
-    w = tl.load((w_rows + (c * G + 4 * q)[None, :]).to(tl.pointer_type(tl.uint32)))
+    w = tl.load((w_rows + _chunk_at(c, G, WP, PB) + (4 * q)[None, :]).to(tl.pointer_type(tl.uint32)))
     if FMT == 2:   # layout.INT4_WORD_BITS
         return (_interleave2(w & 0xF, (w >> 16) & 0xF), _interleave2((w >> 4) & 0xF, (w >> 20) & 0xF),
                 _interleave2((w >> 8) & 0xF, (w >> 24) & 0xF), _interleave2((w >> 12) & 0xF, (w >> 28) & 0xF))
@@ -167,6 +168,17 @@ def _pair_codes(w_rows, c, G: tl.constexpr, FMT: tl.constexpr):
                 _interleave2(_word_code(w, 2, 3, 4, 11), _word_code(w, 18, 19, 20, 27)),
                 _interleave2(_word_code(w, 28, 29, 30, 5), _word_code(w, 12, 13, 14, 21)),
                 _interleave2(_word_code(w, 0, 1, 26, 9), _word_code(w, 16, 17, 10, 25)))
+
+
+@triton.jit
+def _chunk_at(c, G: tl.constexpr, WP, PB: tl.constexpr):
+    """Where chunk c (G bytes of a row; c even: a pair's 2G bytes, which never straddle panels)
+    starts, in bytes from its row's start: panel c G / PB (panels of PB bytes per row, WP bytes
+    apart: layout.PANEL), then its place in the panel. The row order is WP = PB. The place is a
+    difference, not a remainder: Triton's alignment analysis keeps a difference's divisibility (G)
+    and drops a remainder's, and without it the loads become 2-byte ones."""
+    p = c * G // PB
+    return p * WP + (c * G - p * PB)
 
 
 @triton.jit
@@ -236,19 +248,19 @@ def _pair_half(codes, sc, FMT: tl.constexpr, FOLD: tl.constexpr, CDT: tl.constex
 
 
 @triton.jit
-def _load_pair(w_rows, sc, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
+def _load_pair(w_rows, WP, PB: tl.constexpr, sc, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
                CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr):
     """Chunks c and c + 1 (c even, 4G elements) of BN rows -> their four halves (lo_c, hi_c,
     lo_c+1, hi_c+1): [BN, G] each in CDT, scales applied (on the GPU, nvfp4 values come out
     x 2^-8: see NVFP4_POST). No masks: the weights are padded, callers only ask for chunks that
     exist.
 
-    w_rows: [BN, 1] pointers to each row's packed bytes; sc: the four halves' raw scales, uint32
-    [BN, 1] each (`_group_scales`)."""
+    w_rows: [BN, 1] pointers to each row's packed bytes, WP, PB: their panels (`_chunk_at`); sc: the
+    four halves' raw scales, uint32 [BN, 1] each (`_group_scales`)."""
     s0, s1, s2, s3 = sc
     if ASM:
         # G 16-bit elements per row; the decode takes two (one word) and gives each half a bf16 pair
-        w = tl.load((w_rows + c * G).to(tl.pointer_type(tl.int16)) + tl.arange(0, G)[None, :])
+        w = tl.load((w_rows + _chunk_at(c, G, WP, PB)).to(tl.pointer_type(tl.int16)) + tl.arange(0, G)[None, :])
         b0 = tl.broadcast_to(_scale_for_asm(s0, FMT, FOLD), (BN, G))
         b1 = tl.broadcast_to(_scale_for_asm(s1, FMT, FOLD), (BN, G))
         b2 = tl.broadcast_to(_scale_for_asm(s2, FMT, FOLD), (BN, G))
@@ -263,7 +275,7 @@ def _load_pair(w_rows, sc, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constex
                                          dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
                                          is_pure=True, pack=2)
     else:
-        q0, q1, q2, q3 = _pair_codes(w_rows, c, G, FMT)
+        q0, q1, q2, q3 = _pair_codes(w_rows, c, G, FMT, WP, PB)
         return (_pair_half(q0, s0, FMT, FOLD, CDT), _pair_half(q1, s1, FMT, FOLD, CDT),
                 _pair_half(q2, s2, FMT, FOLD, CDT), _pair_half(q3, s3, FMT, FOLD, CDT))
 
@@ -375,14 +387,14 @@ def _nvfp4_global_scale(gs_ptr, e, ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg, su, c,
+def _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, WP, PB: tl.constexpr, sg, su, c,
                 BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
                 FOLD: tl.constexpr, SWAP: tl.constexpr, MASK: tl.constexpr):
     """acc_g / acc_u += x rows (chunks c, c + 1) @ gate / up rows (chunks c, c + 1)^T; sg, su: the
     gate's and up's raw scales of the pair's four halves. Padding rows (valid False) are not read
     (no memory traffic); MASK: x columns >= H read 0 too."""
-    g = _load_pair(wg_rows, sg, c, BN, FMT, G, CDT, ASM, FOLD)
-    u = _load_pair(wu_rows, su, c, BN, FMT, G, CDT, ASM, FOLD)
+    g = _load_pair(wg_rows, WP, PB, sg, c, BN, FMT, G, CDT, ASM, FOLD)
+    u = _load_pair(wu_rows, WP, PB, su, c, BN, FMT, G, CDT, ASM, FOLD)
     if SWAP and G == 16 and not MASK:   # one MMA per quad and matrix (`_join_quad`)
         a = _quad_rows(x_rows, valid[:, None], c, G, CDT)
         return _mma(acc_g, a, _join_quad(g), SWAP), _mma(acc_u, a, _join_quad(u), SWAP)
@@ -398,11 +410,11 @@ def _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg, su, c,
 
 
 @triton.jit
-def _gemm2_pair(acc, a_rows, valid, w_rows, sc, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
-                CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr, SWAP: tl.constexpr):
+def _gemm2_pair(acc, a_rows, valid, w_rows, WP, PB: tl.constexpr, sc, c, BN: tl.constexpr, FMT: tl.constexpr,
+                G: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr, SWAP: tl.constexpr):
     """acc += intermediate rows (chunks c, c + 1) @ w2 rows (chunks c, c + 1)^T; sc: the raw scales
     of the pair's four halves; padding rows are not read."""
-    w = _load_pair(w_rows, sc, c, BN, FMT, G, CDT, ASM, FOLD)
+    w = _load_pair(w_rows, WP, PB, sc, c, BN, FMT, G, CDT, ASM, FOLD)
     if SWAP and G == 16:   # one MMA per quad (`_join_quad`)
         return _mma(acc, _quad_rows(a_rows, valid[:, None], c, G, CDT), _join_quad(w), SWAP)
     for i in tl.static_range(4):
@@ -415,17 +427,17 @@ def _gemm2_pair(acc, a_rows, valid, w_rows, sc, c, BN: tl.constexpr, FMT: tl.con
 @triton.jit
 def moe_gemm1_kernel(
     x_ptr, stride_xm,                 # [M, H] activations
-    w_ptr, s_ptr, gs_ptr, b_ptr,      # w13 [E, 2Ip, Kp/2] u8; scales [E, 2Ip, Kp/G]; gs [E] f32; b13 [E, 2Ip] f32
+    w_ptr, s_ptr, gs_ptr, b_ptr,      # w13 [E, 2Ip, Kp/(2PB), PB] u8; scales [E, 2Ip, Kp/G]; gs [E]; b13 [E, 2Ip] f32
     inter_ptr,                        # [NB * BM, Ip] bf16 (sorted, padded rows)
     sorted_ptr, block_expert_ptr,     # [NB * BM] i32 slot ids (-1 = padding); [NB] i32 expert (-1 = no block)
     ids_ptr, MK, E,                   # [M * k] i32 expert ids (DIRECT: the grouping is done here)
     part_ptr, lock_ptr, part_stride,  # SPLIT > 1: fp32 [SPLIT, NB * BM, 2Ip] partial sums; i32 [NB * n_tiles] zeros
-    H, Ip, Kp, top_k, n_tiles, KB, NSC,
+    H, Ip, Kp, top_k, n_tiles, WE, WR, WP, NSC,   # WE, WR, WP: w13's expert, row and panel strides (bytes)
     alpha, beta, limit,
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
     U: tl.constexpr, FOLD: tl.constexpr, DIRECT: tl.constexpr, MKP: tl.constexpr, PDL: tl.constexpr,
-    SPLIT: tl.constexpr, WORDS: tl.constexpr,
+    SPLIT: tl.constexpr, WORDS: tl.constexpr, PB: tl.constexpr,
 ):
     """GEMM1 + SwiGLU: for one block of BM sorted token slots of one expert and BN intermediate
     columns, gather the tokens' rows of x (no permuted copy), multiply by the gate and up rows
@@ -450,8 +462,8 @@ def moe_gemm1_kernel(
     e64 = e.to(tl.int64)
     tok = tl.where(valid, slots // top_k, 0).to(tl.int64)
     rn = nt * BN + tl.arange(0, BN)
-    wg_rows = w_ptr + (e64 * 2 * Ip + rn)[:, None] * KB
-    wu_rows = w_ptr + (e64 * 2 * Ip + Ip + rn)[:, None] * KB
+    wg_rows = w_ptr + e64 * WE + rn[:, None] * WR
+    wu_rows = w_ptr + e64 * WE + (Ip + rn)[:, None] * WR
     sg_rows = s_ptr + (e64 * 2 * Ip + rn)[:, None] * NSC
     su_rows = s_ptr + (e64 * 2 * Ip + Ip + rn)[:, None] * NSC
     x_rows = x_ptr + tok[:, None] * stride_xm
@@ -473,12 +485,12 @@ def moe_gemm1_kernel(
         sg = _group_scales(sg_rows, c0, U, FMT, WORDS)
         su = _group_scales(su_rows, c0, U, FMT, WORDS)
         for u in tl.static_range(0, U, 2):
-            acc_g, acc_u = _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, sg[2 * u:2 * u + 4],
+            acc_g, acc_u = _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, WP, PB, sg[2 * u:2 * u + 4],
                                        su[2 * u:2 * u + 4], c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP, False)
     # the rest (past H's last whole iteration, K padding included), pair by pair, x masked at H;
     # not pipelined: pipelined, it raised the kernel's registers from 120 to 159 (mxfp4)
     for c in tl.range(c_main, c_hi, 2, num_stages=1):
-        acc_g, acc_u = _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows,
+        acc_g, acc_u = _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, WP, PB,
                                    _group_scales(sg_rows, c, 2, FMT, WORDS), _group_scales(su_rows, c, 2, FMT, WORDS),
                                    c, BN, FMT, G, CDT, ASM, FOLD, SWAP, True)
     if SWAP:
@@ -518,15 +530,15 @@ def moe_gemm1_kernel(
 @triton.jit
 def moe_gemm2_kernel(
     inter_ptr,                        # [NB * BM, Ip] bf16
-    w_ptr, s_ptr, gs_ptr, b_ptr,      # w2 [E, Hp, Ip/2] u8; scales [E, Hp, Ip/G]; gs [E] f32; b2 [E, Hp] f32
+    w_ptr, s_ptr, gs_ptr, b_ptr,      # w2 [E, Hp, Ip/(2PB), PB] u8; scales [E, Hp, Ip/G]; gs [E] f32; b2 [E, Hp] f32
     y_ptr,                            # [SPLIT, M * top_k, H] per-slot outputs (fp32)
     sorted_ptr, block_expert_ptr, topk_w_ptr,   # topk_weights flat [M * top_k] f32
     ids_ptr, MK, E,                   # [M * k] i32 expert ids (DIRECT: the grouping is done here)
-    H, Hp, Ip, n_tiles, KB, NSC, y_split_stride,
+    H, Hp, Ip, n_tiles, WE, WR, WP, NSC, y_split_stride,   # WE, WR, WP: w2's strides (bytes), as GEMM1's
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
     U: tl.constexpr, FOLD: tl.constexpr, SPLIT: tl.constexpr, DIRECT: tl.constexpr, MKP: tl.constexpr,
-    PDL: tl.constexpr, WORDS: tl.constexpr,
+    PDL: tl.constexpr, WORDS: tl.constexpr, PB: tl.constexpr,
 ):
     """GEMM2: one block of BM intermediate rows (one expert) times BN rows of w2, plus b2,
     times each slot's routing weight, stored to that slot's row of y (combined later in a
@@ -544,7 +556,7 @@ def moe_gemm2_kernel(
         return
     e64 = e.to(tl.int64)
     rn = nt * BN + tl.arange(0, BN)
-    w_rows = w_ptr + (e64 * Hp + rn)[:, None] * KB
+    w_rows = w_ptr + e64 * WE + rn[:, None] * WR
     s_rows = s_ptr + (e64 * Hp + rn)[:, None] * NSC
     a_rows = inter_ptr + rm.to(tl.int64)[:, None] * Ip
     if SWAP:
@@ -561,11 +573,11 @@ def moe_gemm2_kernel(
     for c0 in range(c_lo, c_main, U):
         sc = _group_scales(s_rows, c0, U, FMT, WORDS)
         for u in tl.static_range(0, U, 2):
-            acc = _gemm2_pair(acc, a_rows, valid, w_rows, sc[2 * u:2 * u + 4], c0 + u, BN, FMT, G, CDT, ASM, FOLD,
-                              SWAP)
+            acc = _gemm2_pair(acc, a_rows, valid, w_rows, WP, PB, sc[2 * u:2 * u + 4], c0 + u, BN, FMT, G, CDT, ASM,
+                              FOLD, SWAP)
     for c in tl.range(c_main, c_hi, 2, num_stages=1):
-        acc = _gemm2_pair(acc, a_rows, valid, w_rows, _group_scales(s_rows, c, 2, FMT, WORDS), c, BN, FMT, G, CDT,
-                          ASM, FOLD, SWAP)
+        acc = _gemm2_pair(acc, a_rows, valid, w_rows, WP, PB, _group_scales(s_rows, c, 2, FMT, WORDS), c, BN, FMT,
+                          G, CDT, ASM, FOLD, SWAP)
     if SWAP:
         acc = tl.trans(acc)
     if FMT == 1:

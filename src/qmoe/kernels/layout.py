@@ -22,6 +22,14 @@ Kernel layout ("paired half tiles"), per matrix [E, N, K]:
   nibble). With it, bit b of code i sits at word bit word_bits[i][b] (the word read
   little-endian), so a GPU turns the word into four bf16 pairs with a few shifts and masks
   (E2M1_WORD_BITS, INT4_WORD_BITS: see there).
+- Byte order: each row's Kp/2 bytes are cut into panels of PANEL = 64 bytes (128 elements: a quad
+  for G = 32, two for G = 16; KT / 2, so every row is whole panels), and an expert's
+  panel j of all its rows is stored contiguously: memory order [E, Kp/(2 PANEL), Np, PANEL], handed
+  to the kernels as the view [E, Np, Kp/(2 PANEL), PANEL] (strides are the kernels' arguments, so
+  the plain row order, the view made contiguous, runs too). A program's loop iteration then reads
+  its rows' bytes as runs of (rows x PANEL) contiguous bytes instead of PANEL bytes of each row,
+  Kp/2 bytes apart: on an H200 the decode calls ran 5-16% faster than in row order, prefill 3-4%
+  (docs/performance.md, session 13).
 - Scales keep their canonical order [E, Np, Kp/G] (half j uses scale j: a quad's four halves
   use four consecutive scales), stored as raw bytes: uint8 (E8M0 for mxfp4, E4M3 bits for
   nvfp4) or int16 (bf16 bits for int4). Each row starts on an 8-byte boundary (mxfp4 rows of
@@ -45,6 +53,9 @@ KT = 128
 
 PAD = 128
 """N and K are padded to multiples of this."""
+
+PANEL = 64
+"""Bytes of a row per panel (the module's docstring): KT / 2, so it divides every row's Kp / 2."""
 
 
 E2M1_WORD_BITS = ((6, 7, 8, 15), (22, 23, 24, 31), (2, 3, 4, 11), (18, 19, 20, 27),
@@ -129,8 +140,9 @@ def to_kernel_layout(data: torch.Tensor, scales: torch.Tensor, block: int, halve
     float8_e4m3fn / bf16); block: elements per scale (16 or 32);
     halves: 2 for w13 (gate and up halves padded separately), 1 otherwise;
     word_bits: None, E2M1_WORD_BITS or INT4_WORD_BITS (bit positions inside 4-byte words).
-    Returns (data [E, Np, Kp/2] uint8, scales [E, Np, Kp/block] uint8 or int16), where
-    Np = halves * round_up(N / halves, 128) and Kp = round_up(K, 128). The scales are a view
+    Returns (data [E, Np, Kp/(2 PANEL), PANEL] uint8, scales [E, Np, Kp/block] uint8 or int16),
+    where Np = halves * round_up(N / halves, 128) and Kp = round_up(K, 128); data is a view of
+    storage in panel order ([E, Kp/(2 PANEL), Np, PANEL]: the module's docstring). The scales are a view
     whose rows start on 8-byte boundaries (their row stride is rounded up to 8 bytes), so that
     the kernels can read them as 64-bit words (MoEKernelWeights.scale_row_align).
     Works one expert at a time, so the temporaries are one expert's codes.
@@ -141,14 +153,15 @@ def to_kernel_layout(data: torch.Tensor, scales: torch.Tensor, block: int, halve
     nhp, Kp = round_up(nh, PAD), round_up(K, KT)
     C = chunk_of(block)
     raw = _raw_scales(scales)
-    out_d = torch.empty(E, halves * nhp, Kp // 2, dtype=torch.uint8, device=data.device)
+    P = Kp // (2 * PANEL)
+    out_d = torch.empty(E, P, halves * nhp, PANEL, dtype=torch.uint8, device=data.device).transpose(1, 2)
     row = round_up(Kp // block, 8 // raw.element_size())
     out_s = torch.zeros(E, halves * nhp, row, dtype=raw.dtype, device=data.device)[..., :Kp // block]
     for e in range(E):
         codes = _unpack(data[e])
         for h in range(halves):
             c = _pad_rows_cols(codes[h * nh:(h + 1) * nh], nhp, Kp).view(nhp, Kp // (2 * C), 4, C // 2)
-            out_d[e, h * nhp:(h + 1) * nhp] = _arrange_words(c, word_bits).view(nhp, Kp // 2)
+            out_d[e, h * nhp:(h + 1) * nhp] = _arrange_words(c, word_bits).view(nhp, P, PANEL)
             out_s[e, h * nhp:(h + 1) * nhp] = _pad_rows_cols(raw[e, h * nh:(h + 1) * nh], nhp, Kp // block)
     return out_d, out_s
 
@@ -157,13 +170,15 @@ def from_kernel_layout(data: torch.Tensor, scales: torch.Tensor, n: int, k: int,
                        scale_dtype: torch.dtype, halves: int = 1, word_bits=None):
     """Kernel layout -> canonical (inverse of `to_kernel_layout`).
 
-    data: [E, Np, Kp/2] uint8; scales: [E, Np, Kp/block] raw; n, k: the logical N and K;
+    data: [E, Np, Kp/(2 PANEL), PANEL] uint8 (any strides: panel or row order); scales: [E, Np,
+    Kp/block] raw; n, k: the logical N and K;
     scale_dtype: the canonical scale dtype to view the raw bytes as; word_bits: as given to
     `to_kernel_layout`.
     Returns (data [E, n, k/2] uint8, scales [E, n, k/block] scale_dtype).
     """
-    E, Np, Kp2 = data.shape
-    Kp = 2 * Kp2
+    E, Np, P, pb = data.shape
+    Kp = 2 * P * pb
+    data = data.reshape(E, Np, Kp // 2)   # row order (a copy from panel order)
     nhp, nh = Np // halves, n // halves
     C = chunk_of(block)
     full = _codes_of_words(data.view(E, Np, Kp // (2 * C), C), word_bits).view(E, Np, Kp)  # halves in K order

@@ -133,8 +133,10 @@ class KernelConfig:
 class MoEKernelWeights:
     """Expert weights in the kernel layout (see kernels/layout.py).
 
-    w13: [E, 2Ip, Hp/2] uint8; s13: [E, 2Ip, Hp/G] uint8 | int16; w2: [E, Hp, Ip/2] uint8;
-    s2: [E, Hp, Ip/G] (s13 and s2 are views whose rows are padded to 8 bytes: kernels/layout.py);
+    w13: [E, 2Ip, Hp/(2P), P] uint8; s13: [E, 2Ip, Hp/G] uint8 | int16; w2: [E, Hp, Ip/(2P), P]
+    uint8 (P = layout.PANEL bytes; views of storage in panel order, though any strides with
+    contiguous panels run); s2: [E, Hp, Ip/G] (s13 and s2 are views whose rows are padded to 8
+    bytes: kernels/layout.py);
     gs13, gs2: [E] fp32 (nvfp4 global scales, else None); b13: [E, 2Ip] fp32 or None;
     b2: [E, Hp] fp32 or None. H, I: logical sizes.
     fold13 / fold2: the matrix's scales take the short decode: mxfp4, one multiply per pair
@@ -160,6 +162,17 @@ class MoEKernelWeights:
     notes: list = field(default_factory=list)
     counters: list = field(default_factory=list, repr=False)
     """GEMM1's split-K counters for calls on these weights (`split_counters`)."""
+
+    def __post_init__(self):
+        pair = 2 * FORMAT_BLOCKS.get(self.fmt, 32)   # bytes of a chunk pair, which the kernels read at once
+        for name in ("w13", "w2"):
+            w = getattr(self, name)
+            if w.dim() != 4 or w.stride(3) != 1:
+                raise ValueError(f"{name}: expected the kernel layout's [E, N, K/(2P), P] with contiguous panels "
+                                 f"(kernels/layout.py), got shape {tuple(w.shape)} strides {tuple(w.stride())}")
+            pb = w.shape[3]
+            if pb % pair or pb & (pb - 1):
+                raise ValueError(f"{name}: panels of {pb} bytes: expected a power of two and a multiple of {pair}")
 
     @functools.cached_property
     def scale_row_align(self) -> int:
@@ -414,20 +427,20 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
             x, x.stride(0), weights.w13, weights.s13,
             weights.gs13 if weights.gs13 is not None else dummy, weights.b13 if has_bias1 else dummy,
             inter, sorted_slots, block_expert, ids, MK, E, part, locks, NB * bm * 2 * Ip,
-            H, Ip, Hp, k, n1, weights.w13.stride(1), weights.s13.stride(1),
+            H, Ip, Hp, k, n1, *weights.w13.stride()[:3], weights.s13.stride(1),
             float(alpha), float(beta), float(limit) if limit is not None else 0.0,
             FMT=fmt, G=G, HAS_BIAS=has_bias1, HAS_LIMIT=limit is not None,
             BM=bm, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold13,
-            DIRECT=direct, MKP=mkp, PDL=pdl, SPLIT=S1, WORDS=words, num_warps=cfg.num_warps,
+            DIRECT=direct, MKP=mkp, PDL=pdl, SPLIT=S1, WORDS=words, PB=weights.w13.shape[3], num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **launch)
         k2 = K.moe_gemm2_kernel[(NB * n2 * S,)](
             inter, weights.w2, weights.s2,
             weights.gs2 if weights.gs2 is not None else dummy, weights.b2 if has_bias2 else dummy,
             y, sorted_slots, block_expert, topk_weights, ids, MK, E,
-            H, Hp, Ip, n2, weights.w2.stride(1), weights.s2.stride(1), MK * H,
+            H, Hp, Ip, n2, *weights.w2.stride()[:3], weights.s2.stride(1), MK * H,
             FMT=fmt, G=G, HAS_BIAS=has_bias2,
             BM=bm, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold2,
-            SPLIT=S, DIRECT=direct, MKP=mkp, PDL=pdl, WORDS=words, num_warps=cfg.num_warps,
+            SPLIT=S, DIRECT=direct, MKP=mkp, PDL=pdl, WORDS=words, PB=weights.w2.shape[3], num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **launch)
         tag = "" if bm == BM else "_tail"
         launched += [("gemm1" + tag, k1, NB * n1 * S1), ("gemm2" + tag, k2, NB * n2 * S)]
