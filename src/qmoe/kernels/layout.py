@@ -28,8 +28,8 @@ Kernel layout ("paired half tiles"), per matrix [E, N, K]:
   to the kernels as the view [E, Np, Kp/(2 PANEL), PANEL] (strides are the kernels' arguments, so
   the plain row order, the view made contiguous, runs too). A program's loop iteration then reads
   its rows' bytes as runs of (rows x PANEL) contiguous bytes instead of PANEL bytes of each row,
-  Kp/2 bytes apart: on an H200 the decode calls ran 5-16% faster than in row order, prefill 3-4%
-  (docs/performance.md, session 13).
+  Kp/2 bytes apart: on an H200 the decode calls took 5-16% longer in row order, prefill (M = 4096)
+  3-4% (docs/performance.md, session 13).
 - Scales keep their canonical order [E, Np, Kp/G] (half j uses scale j: a quad's four halves
   use four consecutive scales), stored as raw bytes: uint8 (E8M0 for mxfp4, E4M3 bits for
   nvfp4) or int16 (bf16 bits for int4). Each row starts on an 8-byte boundary (mxfp4 rows of
