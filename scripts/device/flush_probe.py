@@ -33,6 +33,13 @@ from qmoe.timing import L2_FLUSH_BYTES, capture_graph  # noqa: E402
 from qmoe.weights import random_weights  # noqa: E402
 
 
+def flush_kinds(big: torch.Tensor) -> dict:
+    """{kind: callable} for the three flushes above, over big (a float32 CUDA buffer of
+    L2_FLUSH_BYTES, the size qmoe.timing zeroes)."""
+    sms = torch.cuda.get_device_properties(big.device).multi_processor_count
+    return {"zero": big.zero_, "read": lambda: read_sum(big, 4 * sms), "none": lambda: None}
+
+
 def _times(runs: dict, flush, reps: int) -> dict:
     """{name: median us} of graph replays, each after flush(), the names interleaved."""
     out = {n: [] for n in runs}
@@ -56,7 +63,7 @@ def main():
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     big = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
-    flushes = {"zero": big.zero_, "read": lambda: read_sum(big, 4 * sms), "none": lambda: None}
+    flushes = flush_kinds(big)
     b = get_backend("triton")
     rows = []
     for name in args.presets.split(","):

@@ -2,10 +2,14 @@
 """Where a decode call's time goes: the triton backend's table configuration per preset and M,
 called eagerly with the L2 flushed before each call (as qmoe bench does), its kernels timed by
 the torch profiler (mean us per call, by kernel name). Prints a table; writes
-$OUT/kernel_split.json (kernel_split_nopdl.json with --no-pdl; a _read or _none suffix with --flush).
+$OUT/kernel_split.json (kernel_split_nopdl.json with --no-pdl; the --flush kind as a suffix unless zero).
 
     PYTHONPATH=src python3 scripts/device/kernel_split.py [--presets ...] [--tokens 1,4,16] [--no-pdl]
-        [--flush zero|read|none]
+        [--flush zero|read|none|w13|w2|both] [--variants "split_k=2;block_m=8,swap=true"]
+
+--flush picks the flush (flush_probe.py's kinds; w13 / w2 / both zero the buffer, then read those of
+the active experts' bytes into the L2, to see what a kernel gains from finding its weights there);
+--variants times changes of the table's entry too, in config_ab.py's syntax.
 
 With programmatic dependent launch (the table's decode entries) a kernel starts while the one
 before it runs and waits on the device, so its profiled time includes that wait: the parts then
@@ -30,6 +34,7 @@ from qmoe.kernels.bandwidth import read_sum  # noqa: E402
 from qmoe.spec import PRESET_FORMATS  # noqa: E402
 from qmoe.timing import L2_FLUSH_BYTES  # noqa: E402
 from config_ab import apply, label, parse_variants  # noqa: E402  (scripts/device)
+from flush_probe import flush_kinds  # noqa: E402  (scripts/device)
 from qmoe.weights import random_weights  # noqa: E402
 
 
@@ -64,7 +69,7 @@ def main():
     b = get_backend("triton")
     big = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")  # what qmoe.timing zeroes
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    flush = {"read": lambda: read_sum(big, 4 * sms), "none": lambda: None}.get(args.flush, big.zero_)
+    flush = flush_kinds(big).get(args.flush, big.zero_)
     rows = []
     for name in args.presets.split(","):
         spec = qmoe.presets[name]
