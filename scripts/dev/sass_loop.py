@@ -9,7 +9,7 @@ session-6 counters found to be what the decode GEMMs wait on (docs/performance.m
 Arguments carry the divisibility facts a real launch gives Triton (pointers and row strides
 divisible by 16; without them the same source compiles to one-byte loads). The main loop is the
 loop with the most MMAs (then cp.async, then length). Options: --block-m, --block-n, --k-unroll, --warps,
---stages, --split, --parts (k_parts), --whole (whole_k), --words (the scales' loads: 2 = 32- and 64-bit, 1 = 32-bit but int4's
+--stages, --split, --whole (whole_k), --words (the scales' loads: 2 = 32- and 64-bit, 1 = 32-bit but int4's
 64-bit pairs, 0 = one per scale), --swap (1: the weight first), --triton (where Triton 3.6
 lies), --sass FILE (keep the whole SASS), --ttgir FILE (keep the TTGIR, for the layouts).
 """
@@ -48,7 +48,7 @@ def compile_kernel(args):
     fmt, G, s_type = FORMATS[args.fmt]
     const = dict(FMT=fmt, G=G, HAS_BIAS=True, BM=args.block_m, BN=args.block_n, SWAP=bool(args.swap),
                  CDT=tl.bfloat16, ASM=True, U=args.k_unroll, FOLD=True, DIRECT=False, MKP=16, PDL=False,
-                 SPLIT=args.split, WORDS=args.words, PB=64, KP=args.parts)
+                 SPLIT=args.split, WORDS=args.words, PB=64)
     if args.kernel == "gemm1":
         const["WHOLE"] = bool(args.whole)
     if args.kernel == "gemm1":
@@ -93,7 +93,6 @@ def main():
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--split", type=int, default=1)
-    ap.add_argument("--parts", type=int, default=1, help="KernelConfig.k_parts")
     ap.add_argument("--whole", type=int, choices=(0, 1), default=0, help="KernelConfig.whole_k (GEMM1)")
     ap.add_argument("--words", type=int, choices=(0, 1, 2), default=2)
     ap.add_argument("--swap", type=int, choices=(0, 1), default=0, help="the weight as the MMA's first operand")
@@ -121,7 +120,7 @@ def main():
     mma = sum(v for k, v in ops.items() if "MMA" in k)
     regs = re.findall(r"REG:(\d+)", res)
     print(f"{args.kernel} {args.fmt} {args.block_m}x{args.block_n} k_unroll {args.k_unroll} words {args.words} "
-          f"warps {args.warps} stages {args.stages} swap {args.swap} parts {args.parts}: registers {regs[0] if regs else '?'}, shared "
+          f"warps {args.warps} stages {args.stages} swap {args.swap} whole {args.whole}: registers {regs[0] if regs else '?'}, shared "
           f"{ck.metadata.shared} B; loop {len(loop)} instructions, {mma} MMA, {sum(mio.values())} shared-memory")
     print("  shared-memory:", " ".join(f"{k} {v}" for k, v in sorted(mio.items(), key=lambda kv: -kv[1])))
     print("  most frequent:", " ".join(f"{k} {v}" for k, v in ops.most_common(12)))

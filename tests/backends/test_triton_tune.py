@@ -149,3 +149,18 @@ def test_candidates_fit_every_preset_and_the_shipped_table_is_usable():
         assert configs.validate_entry(entry) is None, key
         if "|batch-invariant|" in key:
             assert all(configs.invariant(configs.kernel_config(d)) for d in entry["buckets"].values()), key
+
+
+def test_with_whole_k_only_where_a_remainder_loop_would_run():
+    """whole_k joins a candidate where GEMM1's hidden size leaves a remainder after the unrolled loop
+    and the padded K is whole loop iterations: gpt-oss's 2880 (46 chunks of mxfp4 padded, 45 inside
+    H) at k_unroll 2, not at 4 (46 is no multiple), never for kimi's 7168 (no remainder)."""
+    two, four = KernelConfig(64, 64, 64, True, 4, 3, 2), KernelConfig(64, 64, 64, True, 4, 3, 4)
+    assert configs.with_whole_k(two, "mxfp4", 2880).whole_k
+    assert not configs.with_whole_k(four, "mxfp4", 2880).whole_k
+    assert not configs.with_whole_k(two, "int4", 7168).whole_k
+    assert configs.with_whole_k(two, "nvfp4", 2880).whole_k    # 92 chunks of 32 padded, 90 inside H
+    split = KernelConfig(16, 64, 64, False, 4, 3, 2, split_k1=2)
+    assert configs.with_whole_k(split, "mxfp4", 2880) == split
+    for c in (configs.with_whole_k(two, "mxfp4", 2880), configs.with_whole_k(two, "nvfp4", 2880)):
+        assert c.problem_with("mxfp4", 2944, 2944) is None

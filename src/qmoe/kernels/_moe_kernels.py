@@ -149,32 +149,17 @@ def _word_code(w, B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.c
 
 @triton.jit
 def _interleave2(a, b):
-    """[..., Q] x 2 -> [..., 2Q] (2 or 3 dimensions) with out[..., 2q] = a[..., q], out[..., 2q + 1] =
-    b[..., q]."""
+    """[R, Q] x 2 -> [R, 2Q] with out[:, 2q] = a[:, q], out[:, 2q + 1] = b[:, q]."""
     x = tl.join(a, b)
-    if len(a.shape) == 3:
-        return tl.reshape(x, (x.shape[0], x.shape[1], 2 * x.shape[2]))
-    else:
-        return tl.reshape(x, (x.shape[0], 2 * x.shape[1]))
+    return tl.reshape(x, (x.shape[0], 2 * x.shape[1]))
 
 
 @triton.jit
-def _ld(p, c, c_end):
-    """tl.load(p) of K chunk c: unmasked when c_end is None, else 0 where c >= c_end (the chunks
-    that exist end there)."""
-    if c_end is None:
-        return tl.load(p)
-    else:
-        return tl.load(p, mask=c < c_end, other=0)
-
-
-@triton.jit
-def _pair_codes(w_rows, c, G: tl.constexpr, FMT: tl.constexpr, WP, PB: tl.constexpr, c_end):
+def _pair_codes(w_rows, c, G: tl.constexpr, FMT: tl.constexpr, WP, PB: tl.constexpr):
     """Interpreter path: the codes of chunks c, c + 1 (c even) as their four halves (lo_c, hi_c,
-    lo_c+1, hi_c+1), [..., BN, G] uint32 each, from the arranged words (word q: elements 2q, 2q + 1);
-    c_end: as `_load_pair`'s."""
+    lo_c+1, hi_c+1), [BN, G] uint32 each, from the arranged words (word q: elements 2q, 2q + 1)."""
     q = tl.arange(0, G // 2)
-    w = _ld((w_rows + _chunk_at(c, G, WP, PB) + 4 * q).to(tl.pointer_type(tl.uint32)), c, c_end)
+    w = tl.load((w_rows + _chunk_at(c, G, WP, PB) + (4 * q)[None, :]).to(tl.pointer_type(tl.uint32)))
     if FMT == 2:   # layout.INT4_WORD_BITS
         return (_interleave2(w & 0xF, (w >> 16) & 0xF), _interleave2((w >> 4) & 0xF, (w >> 20) & 0xF),
                 _interleave2((w >> 8) & 0xF, (w >> 24) & 0xF), _interleave2((w >> 12) & 0xF, (w >> 28) & 0xF))
@@ -197,63 +182,59 @@ def _chunk_at(c, G: tl.constexpr, WP, PB: tl.constexpr):
 
 
 @triton.jit
-def _chunk_scales(s_rows, c, c_end):
-    """Raw scales (uint32 [..., BN, 1]) of chunk c's low and high halves; s_rows: [..., BN, 1]
-    pointers to each row's scales; c_end: `_ld`'s."""
-    return _ld(s_rows + 2 * c, c, c_end).to(tl.uint32), _ld(s_rows + 2 * c + 1, c, c_end).to(tl.uint32)
+def _chunk_scales(s_rows, c):
+    """Raw scales (uint32 [BN, 1]) of chunk c's low and high halves; s_rows: [BN, 1] pointers to
+    each row's scales."""
+    return tl.load(s_rows + 2 * c).to(tl.uint32), tl.load(s_rows + 2 * c + 1).to(tl.uint32)
 
 
 @triton.jit
-def _pair_scales(s_rows, c, FMT: tl.constexpr, c_end):
+def _pair_scales(s_rows, c, FMT: tl.constexpr):
     """Raw scales of chunks c and c + 1 (c even) from one load, (lo_c, hi_c, lo_c+1, hi_c+1): a
     32-bit word of one-byte scales (E8M0, E4M3), a 64-bit one of int4's bf16. A 32- or 64-bit
     load can be staged through shared memory by cp.async with the weights (Triton pipelines it);
     one-byte loads cannot, and every loop iteration then waits on memory for its scales. Needs
     the scale rows aligned to the load's size (MoEKernelWeights.scale_row_align; c even)."""
     if FMT == 2:
-        w, v = _load_u64(s_rows + 2 * c, c, c_end)
+        w, v = _load_u64(s_rows + 2 * c)
         return w & 0xFFFF, w >> 16, v & 0xFFFF, v >> 16
-    w = _ld((s_rows + 2 * c).to(tl.pointer_type(tl.uint32)), c, c_end)
+    w = tl.load((s_rows + 2 * c).to(tl.pointer_type(tl.uint32)))
     return w & 0xFF, (w >> 8) & 0xFF, (w >> 16) & 0xFF, w >> 24
 
 
 @triton.jit
-def _load_u64(p, c, c_end):
-    """One 64-bit load at byte pointers p (8-byte aligned; chunk c's, masked as `_ld`) -> its (low,
-    high) 32-bit halves."""
-    d = _ld(p.to(tl.pointer_type(tl.uint64)), c, c_end)
+def _load_u64(p):
+    """One 64-bit load at byte pointers p (8-byte aligned) -> its (low, high) 32-bit halves."""
+    d = tl.load(p.to(tl.pointer_type(tl.uint64)))
     return d.to(tl.uint32), (d >> 32).to(tl.uint32)
 
 
 @triton.jit
-def _quad_byte_scales(s_rows, c, c_end):
+def _quad_byte_scales(s_rows, c):
     """One-byte scales of chunks c .. c + 3 (c a multiple of 4; rows 8-byte aligned) from one
     64-bit load: (lo_c, hi_c, ..., lo_c+3, hi_c+3)."""
-    w, v = _load_u64(s_rows + 2 * c, c, c_end)
+    w, v = _load_u64(s_rows + 2 * c)
     return (w & 0xFF, (w >> 8) & 0xFF, (w >> 16) & 0xFF, w >> 24,
             v & 0xFF, (v >> 8) & 0xFF, (v >> 16) & 0xFF, v >> 24)
 
 
 @triton.jit
-def _group_scales(s_rows, c0, U: tl.constexpr, FMT: tl.constexpr, WORDS: tl.constexpr, c_end):
+def _group_scales(s_rows, c0, U: tl.constexpr, FMT: tl.constexpr, WORDS: tl.constexpr):
     """The raw scales of chunks c0 .. c0 + U - 1 (U and c0 even: whole pairs), (lo, hi) of each in
     turn: 2U values. WORDS 0: a load per scale; 1: two chunks per load (`_pair_scales`); 2 (scale
     rows 8-byte aligned): also four chunks of one-byte scales per 64-bit load, where U is a
-    multiple of 4 (c0 then is too). c_end: None, or the end of the chunks that exist: a load
-    whose first chunk is past it reads 0s (a 64-bit load that starts before it stays inside the
-    row's padding, which holds 0s: kernels/layout.py)."""
+    multiple of 4 (c0 then is too)."""
     t = ()
     if WORDS == 2 and FMT != 2 and U % 4 == 0:
         for u in tl.static_range(0, U, 4):
-            t = t + _quad_byte_scales(s_rows, c0 + u, c_end)
+            t = t + _quad_byte_scales(s_rows, c0 + u)
     elif WORDS > 0:
         for u in tl.static_range(0, U, 2):
-            t = t + _pair_scales(s_rows, c0 + u, FMT, c_end)
+            t = t + _pair_scales(s_rows, c0 + u, FMT)
     else:
         for u in tl.static_range(U):
-            t = t + _chunk_scales(s_rows, c0 + u, c_end)
+            t = t + _chunk_scales(s_rows, c0 + u)
     return t
-
 
 
 @triton.jit
@@ -268,24 +249,22 @@ def _pair_half(codes, sc, FMT: tl.constexpr, FOLD: tl.constexpr, CDT: tl.constex
 
 @triton.jit
 def _load_pair(w_rows, WP, PB: tl.constexpr, sc, c, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr,
-               CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr, c_end):
+               CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr):
     """Chunks c and c + 1 (c even, 4G elements) of BN rows -> their four halves (lo_c, hi_c,
-    lo_c+1, hi_c+1): [..., BN, G] each in CDT, scales applied (on the GPU, nvfp4 values come out
-    x 2^-8: see NVFP4_POST). The weights are padded; c_end None: callers only ask for chunks that
-    exist (no masks); else pairs from c_end on read zero codes (with zero raw scales, `_group_scales`,
-    they decode to 0).
+    lo_c+1, hi_c+1): [BN, G] each in CDT, scales applied (on the GPU, nvfp4 values come out
+    x 2^-8: see NVFP4_POST). No masks: the weights are padded, callers only ask for chunks that
+    exist.
 
-    w_rows: [BN, 1] pointers to each row's packed bytes, or [1, BN, 1] with c [KP, 1, 1] (a chunk
-    per K part: KernelConfig.k_parts); WP, PB: their panels (`_chunk_at`); sc: the four halves' raw
-    scales, uint32 [..., BN, 1] each (`_group_scales`)."""
+    w_rows: [BN, 1] pointers to each row's packed bytes, WP, PB: their panels (`_chunk_at`); sc: the
+    four halves' raw scales, uint32 [BN, 1] each (`_group_scales`)."""
     s0, s1, s2, s3 = sc
     if ASM:
         # G 16-bit elements per row; the decode takes two (one word) and gives each half a bf16 pair
-        w = _ld((w_rows + _chunk_at(c, G, WP, PB)).to(tl.pointer_type(tl.int16)) + tl.arange(0, G), c, c_end)
-        b0 = tl.broadcast_to(_scale_for_asm(s0, FMT, FOLD), w.shape)
-        b1 = tl.broadcast_to(_scale_for_asm(s1, FMT, FOLD), w.shape)
-        b2 = tl.broadcast_to(_scale_for_asm(s2, FMT, FOLD), w.shape)
-        b3 = tl.broadcast_to(_scale_for_asm(s3, FMT, FOLD), w.shape)
+        w = tl.load((w_rows + _chunk_at(c, G, WP, PB)).to(tl.pointer_type(tl.int16)) + tl.arange(0, G)[None, :])
+        b0 = tl.broadcast_to(_scale_for_asm(s0, FMT, FOLD), (BN, G))
+        b1 = tl.broadcast_to(_scale_for_asm(s1, FMT, FOLD), (BN, G))
+        b2 = tl.broadcast_to(_scale_for_asm(s2, FMT, FOLD), (BN, G))
+        b3 = tl.broadcast_to(_scale_for_asm(s3, FMT, FOLD), (BN, G))
         if FMT == 2:
             asm: tl.constexpr = _ASM_INT4
         elif FOLD or FMT == 1:   # nvfp4 scales x 2^118 always fit a bf16 (FOLD: whether they are codes)
@@ -296,7 +275,7 @@ def _load_pair(w_rows, WP, PB: tl.constexpr, sc, c, BN: tl.constexpr, FMT: tl.co
                                          dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
                                          is_pure=True, pack=2)
     else:
-        q0, q1, q2, q3 = _pair_codes(w_rows, c, G, FMT, WP, PB, c_end)
+        q0, q1, q2, q3 = _pair_codes(w_rows, c, G, FMT, WP, PB)
         return (_pair_half(q0, s0, FMT, FOLD, CDT), _pair_half(q1, s1, FMT, FOLD, CDT),
                 _pair_half(q2, s2, FMT, FOLD, CDT), _pair_half(q3, s3, FMT, FOLD, CDT))
 
@@ -320,30 +299,22 @@ def _join_quad(h):
 @triton.jit
 def _mma(acc, a, w, SWAP: tl.constexpr):
     """acc += a @ w.T; with SWAP the accumulator is transposed ([BN, BM]) so the dequantized
-    weight is the MMA's first operand (from registers) and the gathered rows the second. With
-    three dimensions ([KP, ...]: KernelConfig.k_parts) a batched MMA, one per K part."""
-    if len(a.shape) == 3:
-        at = tl.permute(a, (0, 2, 1))
-        wt = tl.permute(w, (0, 2, 1))
-    else:
-        at = tl.trans(a)
-        wt = tl.trans(w)
+    weight is the MMA's first operand (from registers) and the gathered rows the second."""
     if SWAP:
-        return tl.dot(w, at, acc)
+        return tl.dot(w, tl.trans(a), acc)
     else:
-        return tl.dot(a, wt, acc)
+        return tl.dot(a, tl.trans(w), acc)
 
 
 @triton.jit
 def _quad_rows(rows, mask, c, G: tl.constexpr, CDT: tl.constexpr, H):
-    """The rows' K columns of chunks c, c + 1 (4G), [R, 4G] in CDT; rows, mask: the rows' pointers
-    and mask, [R, 1]; H: None (all columns inside the row: no column mask), or columns from H on
-    read 0."""
+    """The rows' K columns of chunks c, c + 1 (4G), [R, 4G] in CDT; mask: the rows', [R, 1]; H: None
+    (all columns inside the row: no column mask), or columns from H on read 0."""
     k = c * 2 * G + tl.arange(0, 4 * G)
     if H is None:
-        return tl.load(rows + k, mask=mask, other=0.0).to(CDT)
+        return tl.load(rows + k[None, :], mask=mask, other=0.0).to(CDT)
     else:
-        return tl.load(rows + k, mask=mask & (k < H), other=0.0).to(CDT)
+        return tl.load(rows + k[None, :], mask=mask & (k < H)[None, :], other=0.0).to(CDT)
 
 
 @triton.jit
@@ -422,26 +393,24 @@ def _nvfp4_global_scale(gs_ptr, e, ASM: tl.constexpr):
 @triton.jit
 def _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, WP, PB: tl.constexpr, sg, su, c,
                 BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
-                FOLD: tl.constexpr, SWAP: tl.constexpr, MASK: tl.constexpr, c_end):
+                FOLD: tl.constexpr, SWAP: tl.constexpr, MASK: tl.constexpr):
     """acc_g / acc_u += x rows (chunks c, c + 1) @ gate / up rows (chunks c, c + 1)^T; sg, su: the
-    gate's and up's raw scales of the pair's four halves. x_rows, valid: the rows' pointers and
-    mask, [BM, 1] (or [1, BM, 1] with K parts: c [KP, 1, 1], accumulators [KP, ...]); padding rows
-    (valid False) are not read (no memory traffic); MASK: x columns >= H read 0 too; c_end:
-    `_load_pair`'s (with MASK)."""
-    g = _load_pair(wg_rows, WP, PB, sg, c, BN, FMT, G, CDT, ASM, FOLD, c_end)
-    u = _load_pair(wu_rows, WP, PB, su, c, BN, FMT, G, CDT, ASM, FOLD, c_end)
-    if SWAP and G == 16 and c_end is None:   # one MMA per quad and matrix (`_join_quad`)
+    gate's and up's raw scales of the pair's four halves. Padding rows (valid False) are not read
+    (no memory traffic); MASK: x columns >= H read 0 too."""
+    g = _load_pair(wg_rows, WP, PB, sg, c, BN, FMT, G, CDT, ASM, FOLD)
+    u = _load_pair(wu_rows, WP, PB, su, c, BN, FMT, G, CDT, ASM, FOLD)
+    if SWAP and G == 16:   # one MMA per quad and matrix (`_join_quad`)
         if MASK:
-            a = _quad_rows(x_rows, valid, c, G, CDT, H)
+            a = _quad_rows(x_rows, valid[:, None], c, G, CDT, H)
         else:
-            a = _quad_rows(x_rows, valid, c, G, CDT, None)
+            a = _quad_rows(x_rows, valid[:, None], c, G, CDT, None)
         return _mma(acc_g, a, _join_quad(g), SWAP), _mma(acc_u, a, _join_quad(u), SWAP)
     for i in tl.static_range(4):
         k = c * 2 * G + i * G + tl.arange(0, G)
         if MASK:
-            a = tl.load(x_rows + k, mask=valid & (k < H), other=0.0).to(CDT)
+            a = tl.load(x_rows + k[None, :], mask=valid[:, None] & (k < H)[None, :], other=0.0).to(CDT)
         else:
-            a = tl.load(x_rows + k, mask=valid, other=0.0).to(CDT)
+            a = tl.load(x_rows + k[None, :], mask=valid[:, None], other=0.0).to(CDT)
         acc_g = _mma(acc_g, a, g[i], SWAP)
         acc_u = _mma(acc_u, a, u[i], SWAP)
     return acc_g, acc_u
@@ -449,81 +418,17 @@ def _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, WP, PB: tl.con
 
 @triton.jit
 def _gemm2_pair(acc, a_rows, valid, w_rows, WP, PB: tl.constexpr, sc, c, BN: tl.constexpr, FMT: tl.constexpr,
-                G: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr, SWAP: tl.constexpr,
-                c_end):
+                G: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr, SWAP: tl.constexpr):
     """acc += intermediate rows (chunks c, c + 1) @ w2 rows (chunks c, c + 1)^T; sc: the raw scales
-    of the pair's four halves; a_rows, valid, c_end: as `_gemm1_pair`'s x_rows, valid and c_end
-    (c_end None: every chunk asked for exists); padding rows are not read."""
-    w = _load_pair(w_rows, WP, PB, sc, c, BN, FMT, G, CDT, ASM, FOLD, c_end)
-    if SWAP and G == 16 and c_end is None:   # one MMA per quad (`_join_quad`)
-        return _mma(acc, _quad_rows(a_rows, valid, c, G, CDT, None), _join_quad(w), SWAP)
+    of the pair's four halves; padding rows are not read."""
+    w = _load_pair(w_rows, WP, PB, sc, c, BN, FMT, G, CDT, ASM, FOLD)
+    if SWAP and G == 16:   # one MMA per quad (`_join_quad`)
+        return _mma(acc, _quad_rows(a_rows, valid[:, None], c, G, CDT, None), _join_quad(w), SWAP)
     for i in tl.static_range(4):
         k = c * 2 * G + i * G + tl.arange(0, G)
-        if c_end is None:
-            a = tl.load(a_rows + k, mask=valid, other=0.0).to(CDT)
-        else:
-            a = tl.load(a_rows + k, mask=valid & (c < c_end), other=0.0).to(CDT)
+        a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0).to(CDT)
         acc = _mma(acc, a, w[i], SWAP)
     return acc
-
-
-@triton.jit
-def _parts_acc(KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
-    """Zero accumulators of K parts, [KP, BN, BM] (SWAP) or [KP, BM, BN] fp32."""
-    if SWAP:
-        return tl.zeros((KP, BN, BM), dtype=tl.float32)
-    else:
-        return tl.zeros((KP, BM, BN), dtype=tl.float32)
-
-
-@triton.jit
-def _parts_sum(acc, SWAP: tl.constexpr):
-    """K parts' accumulators -> their sum, [BM, BN] (parts added in a fixed order: deterministic)."""
-    acc = tl.sum(acc, axis=0)
-    if SWAP:
-        acc = tl.trans(acc)
-    return acc
-
-
-@triton.jit
-def _gemm1_parts(x_rows, valid, H, wg_rows, wu_rows, WP, PB: tl.constexpr, sg_rows, su_rows, nch,
-                 BM: tl.constexpr, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, CDT: tl.constexpr,
-                 ASM: tl.constexpr, FOLD: tl.constexpr, SWAP: tl.constexpr, U: tl.constexpr, WORDS: tl.constexpr,
-                 KP: tl.constexpr):
-    """GEMM1's K loop over nch chunks in KP parts (KernelConfig.k_parts): part p takes chunks
-    p U .. p U + U - 1 of every U KP, with its own accumulators ([KP, ...]), so one loop iteration
-    is a batched MMA over the parts, which Triton spreads over the warps (mma.sync; num_warps
-    parts at a time): at one token per expert, more warps stream a tile's weights than its BN / 16
-    rows of MMA allow, each along a K chain KP times shorter. Chunks past nch (the last
-    iteration's) read 0s, x past H too. Returns the gate's and up's sums over the parts,
-    [BM, BN] fp32 each. Pointers: [1, BM | BN, 1] (`_gemm1_pair`); valid [1, BM, 1]."""
-    acc_g = _parts_acc(KP, BM, BN, SWAP)
-    acc_u = _parts_acc(KP, BM, BN, SWAP)
-    part = tl.arange(0, KP)[:, None, None] * U
-    for c0 in range(0, nch, U * KP):
-        cs = c0 + part
-        sg = _group_scales(sg_rows, cs, U, FMT, WORDS, nch)
-        su = _group_scales(su_rows, cs, U, FMT, WORDS, nch)
-        for u in tl.static_range(0, U, 2):
-            acc_g, acc_u = _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, WP, PB, sg[2 * u:2 * u + 4],
-                                       su[2 * u:2 * u + 4], cs + u, BN, FMT, G, CDT, ASM, FOLD, SWAP, True, nch)
-    return _parts_sum(acc_g, SWAP), _parts_sum(acc_u, SWAP)
-
-
-@triton.jit
-def _gemm2_parts(a_rows, valid, w_rows, WP, PB: tl.constexpr, s_rows, nch, BM: tl.constexpr, BN: tl.constexpr,
-                 FMT: tl.constexpr, G: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr,
-                 SWAP: tl.constexpr, U: tl.constexpr, WORDS: tl.constexpr, KP: tl.constexpr):
-    """GEMM2's K loop over nch chunks in KP parts, as `_gemm1_parts`; returns the sum [BM, BN] fp32."""
-    acc = _parts_acc(KP, BM, BN, SWAP)
-    part = tl.arange(0, KP)[:, None, None] * U
-    for c0 in range(0, nch, U * KP):
-        cs = c0 + part
-        sc = _group_scales(s_rows, cs, U, FMT, WORDS, nch)
-        for u in tl.static_range(0, U, 2):
-            acc = _gemm2_pair(acc, a_rows, valid, w_rows, WP, PB, sc[2 * u:2 * u + 4], cs + u, BN, FMT, G, CDT, ASM,
-                              FOLD, SWAP, nch)
-    return _parts_sum(acc, SWAP)
 
 
 @triton.jit
@@ -539,7 +444,7 @@ def moe_gemm1_kernel(
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
     U: tl.constexpr, FOLD: tl.constexpr, DIRECT: tl.constexpr, MKP: tl.constexpr, PDL: tl.constexpr,
-    SPLIT: tl.constexpr, WORDS: tl.constexpr, PB: tl.constexpr, KP: tl.constexpr, WHOLE: tl.constexpr,
+    SPLIT: tl.constexpr, WORDS: tl.constexpr, PB: tl.constexpr, WHOLE: tl.constexpr,
 ):
     """GEMM1 + SwiGLU: for one block of BM sorted token slots of one expert and BN intermediate
     columns, gather the tokens' rows of x (no permuted copy), multiply by the gate and up rows
@@ -552,8 +457,8 @@ def moe_gemm1_kernel(
     (0, 1, ...: the same order whoever finishes last, so the result is deterministic) and runs
     the epilogue. The activation needs the whole sum, so no third launch is needed for it.
 
-    KP > 1 (K parts, with SPLIT 1): the K loop in KP parts within the program (`_gemm1_parts`).
-    WHOLE (SPLIT 1; Kp / 2G a multiple of U): the unrolled loop takes every chunk, x masked at H."""
+    WHOLE (SPLIT 1; Kp / 2G a multiple of U): the unrolled loop takes every chunk, x masked at H
+    (KernelConfig.whole_k)."""
     tl.static_assert(U % 2 == 0, "U (k_unroll) must be even: the kernels read K chunks in pairs")
     pid = tl.program_id(0)
     sk = pid % SPLIT
@@ -572,46 +477,39 @@ def moe_gemm1_kernel(
     sg_rows = s_ptr + (e64 * 2 * Ip + rn)[:, None] * NSC
     su_rows = s_ptr + (e64 * 2 * Ip + Ip + rn)[:, None] * NSC
     x_rows = x_ptr + tok[:, None] * stride_xm
-    if KP > 1:   # K parts (SPLIT 1): `_gemm1_parts`
-        acc_g, acc_u = _gemm1_parts(x_rows[None, :, :], valid[None, :, None], H, wg_rows[None, :, :],
-                                    wu_rows[None, :, :], WP, PB, sg_rows[None, :, :], su_rows[None, :, :],
-                                    Kp // (2 * G), BM, BN, FMT, G, CDT, ASM, FOLD, SWAP, U, WORDS, KP)
+    if SWAP:
+        acc_g = tl.zeros((BN, BM), dtype=tl.float32)
+        acc_u = tl.zeros((BN, BM), dtype=tl.float32)
     else:
-        if SWAP:
-            acc_g = tl.zeros((BN, BM), dtype=tl.float32)
-            acc_u = tl.zeros((BN, BM), dtype=tl.float32)
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    if SPLIT == 1:
+        c_lo = 0
+        c_hi = Kp // (2 * G)
+        if WHOLE:
+            c_main = c_hi
         else:
-            acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-            acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-        if SPLIT == 1:
-            c_lo = 0
-            c_hi = Kp // (2 * G)
-            if WHOLE:
-                c_main = c_hi
-            else:
-                c_main = (H // (2 * G)) // U * U   # chunks entirely inside x's H columns, in groups of U
-        else:
-            c_lo, c_hi = _split_chunks(Kp // (2 * G), sk, SPLIT, U)
-            c_main = c_lo + (tl.maximum(tl.minimum(c_hi, H // (2 * G)) - c_lo, 0)) // U * U
-        # U chunks per iteration, in pairs, unrolled (their loads are independent); no masks in this loop
-        # unless WHOLE
-        for c0 in range(c_lo, c_main, U):
-            sg = _group_scales(sg_rows, c0, U, FMT, WORDS, None)
-            su = _group_scales(su_rows, c0, U, FMT, WORDS, None)
-            for u in tl.static_range(0, U, 2):
-                acc_g, acc_u = _gemm1_pair(acc_g, acc_u, x_rows, valid[:, None], H, wg_rows, wu_rows, WP, PB,
-                                           sg[2 * u:2 * u + 4], su[2 * u:2 * u + 4], c0 + u, BN, FMT, G, CDT, ASM,
-                                           FOLD, SWAP, WHOLE, None)
-        # the rest (past H's last whole iteration, K padding included), pair by pair, x masked at H;
-        # not pipelined: pipelined, it raised the kernel's registers from 120 to 159 (mxfp4)
-        for c in tl.range(c_main, c_hi, 2, num_stages=1):
-            acc_g, acc_u = _gemm1_pair(acc_g, acc_u, x_rows, valid[:, None], H, wg_rows, wu_rows, WP, PB,
-                                       _group_scales(sg_rows, c, 2, FMT, WORDS, None),
-                                       _group_scales(su_rows, c, 2, FMT, WORDS, None), c, BN, FMT, G, CDT, ASM, FOLD,
-                                       SWAP, True, None)
-        if SWAP:
-            acc_g = tl.trans(acc_g)
-            acc_u = tl.trans(acc_u)
+            c_main = (H // (2 * G)) // U * U   # chunks entirely inside x's H columns, in groups of U
+    else:
+        c_lo, c_hi = _split_chunks(Kp // (2 * G), sk, SPLIT, U)
+        c_main = c_lo + (tl.maximum(tl.minimum(c_hi, H // (2 * G)) - c_lo, 0)) // U * U
+    # U chunks per iteration, in pairs, unrolled (their loads are independent); no masks in this loop
+    # unless WHOLE
+    for c0 in range(c_lo, c_main, U):
+        sg = _group_scales(sg_rows, c0, U, FMT, WORDS)
+        su = _group_scales(su_rows, c0, U, FMT, WORDS)
+        for u in tl.static_range(0, U, 2):
+            acc_g, acc_u = _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, WP, PB, sg[2 * u:2 * u + 4],
+                                       su[2 * u:2 * u + 4], c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP, WHOLE)
+    # the rest (past H's last whole iteration, K padding included), pair by pair, x masked at H;
+    # not pipelined: pipelined, it raised the kernel's registers from 120 to 159 (mxfp4)
+    for c in tl.range(c_main, c_hi, 2, num_stages=1):
+        acc_g, acc_u = _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, WP, PB,
+                                   _group_scales(sg_rows, c, 2, FMT, WORDS), _group_scales(su_rows, c, 2, FMT, WORDS),
+                                   c, BN, FMT, G, CDT, ASM, FOLD, SWAP, True)
+    if SWAP:
+        acc_g = tl.trans(acc_g)
+        acc_u = tl.trans(acc_u)
     if SPLIT > 1:  # partial sums out; the tile's last program adds them in split order
         prow = part_ptr + rm.to(tl.int64)[:, None] * (2 * Ip) + rn[None, :]
         pstride = part_stride.to(tl.int64)   # (SPLIT - 1) x the stride can pass 2^31
@@ -654,14 +552,13 @@ def moe_gemm2_kernel(
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
     U: tl.constexpr, FOLD: tl.constexpr, SPLIT: tl.constexpr, DIRECT: tl.constexpr, MKP: tl.constexpr,
-    PDL: tl.constexpr, WORDS: tl.constexpr, PB: tl.constexpr, KP: tl.constexpr,
+    PDL: tl.constexpr, WORDS: tl.constexpr, PB: tl.constexpr,
 ):
     """GEMM2: one block of BM intermediate rows (one expert) times BN rows of w2, plus b2,
     times each slot's routing weight, stored to that slot's row of y (combined later in a
     fixed order, so the result is deterministic). With SPLIT > 1, SPLIT programs share a tile,
     each over 1/SPLIT of K (split-K, for few active experts: SPLIT times the programs); split 0
-    adds the bias, and each writes its own copy of y (y_split_stride elements apart). KP > 1 (with
-    SPLIT 1): the K loop in KP parts within the program (`_gemm1_parts`)."""
+    adds the bias, and each writes its own copy of y (y_split_stride elements apart)."""
     tl.static_assert(U % 2 == 0, "U (k_unroll) must be even: the kernels read K chunks in pairs")
     pid = tl.program_id(0)
     sk = pid % SPLIT
@@ -676,31 +573,27 @@ def moe_gemm2_kernel(
     w_rows = w_ptr + e64 * WE + rn[:, None] * WR
     s_rows = s_ptr + (e64 * Hp + rn)[:, None] * NSC
     a_rows = inter_ptr + rm.to(tl.int64)[:, None] * Ip
-    if KP > 1:   # K parts (SPLIT 1): `_gemm1_parts`
-        acc = _gemm2_parts(a_rows[None, :, :], valid[None, :, None], w_rows[None, :, :], WP, PB, s_rows[None, :, :],
-                           Ip // (2 * G), BM, BN, FMT, G, CDT, ASM, FOLD, SWAP, U, WORDS, KP)
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
-        if SWAP:
-            acc = tl.zeros((BN, BM), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-        if SPLIT == 1:   # the intermediate has all Ip columns: no masks
-            c_lo = 0
-            c_hi = Ip // (2 * G)
-            c_main = c_hi // U * U
-        else:
-            c_lo, c_hi = _split_chunks(Ip // (2 * G), sk, SPLIT, U)
-            c_main = c_lo + tl.maximum(c_hi - c_lo, 0) // U * U
-        for c0 in range(c_lo, c_main, U):
-            sc = _group_scales(s_rows, c0, U, FMT, WORDS, None)
-            for u in tl.static_range(0, U, 2):
-                acc = _gemm2_pair(acc, a_rows, valid[:, None], w_rows, WP, PB, sc[2 * u:2 * u + 4], c0 + u, BN, FMT,
-                                  G, CDT, ASM, FOLD, SWAP, None)
-        for c in tl.range(c_main, c_hi, 2, num_stages=1):
-            acc = _gemm2_pair(acc, a_rows, valid[:, None], w_rows, WP, PB,
-                              _group_scales(s_rows, c, 2, FMT, WORDS, None), c, BN, FMT, G, CDT, ASM, FOLD, SWAP, None)
-        if SWAP:
-            acc = tl.trans(acc)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if SPLIT == 1:   # the intermediate has all Ip columns: no masks
+        c_lo = 0
+        c_hi = Ip // (2 * G)
+        c_main = c_hi // U * U
+    else:
+        c_lo, c_hi = _split_chunks(Ip // (2 * G), sk, SPLIT, U)
+        c_main = c_lo + tl.maximum(c_hi - c_lo, 0) // U * U
+    for c0 in range(c_lo, c_main, U):
+        sc = _group_scales(s_rows, c0, U, FMT, WORDS)
+        for u in tl.static_range(0, U, 2):
+            acc = _gemm2_pair(acc, a_rows, valid, w_rows, WP, PB, sc[2 * u:2 * u + 4], c0 + u, BN, FMT, G, CDT, ASM,
+                              FOLD, SWAP)
+    for c in tl.range(c_main, c_hi, 2, num_stages=1):
+        acc = _gemm2_pair(acc, a_rows, valid, w_rows, WP, PB, _group_scales(s_rows, c, 2, FMT, WORDS), c, BN, FMT,
+                          G, CDT, ASM, FOLD, SWAP)
+    if SWAP:
+        acc = tl.trans(acc)
     if FMT == 1:
         acc = acc * _nvfp4_global_scale(gs_ptr, e, ASM)
     if HAS_BIAS:

@@ -70,13 +70,6 @@ class KernelConfig:
     N side, which never changes the instruction: docs/performance.md sessions 9 and 10) or
     block_m <= 32 (mma.sync at both sizes). Not
     with split_k1 (the tail blocks are for prefill); unused with direct grouping;
-    k_parts: 1, or each program's K loop in this many interleaved parts (part p takes k_unroll
-    chunks of every k_parts x k_unroll) with their own accumulators, added at the end: a batched
-    MMA over the parts, which Triton 3.6 spreads over the warps (all warps along the parts, on
-    mma.sync), so a tile of few rows gets more warps and shorter K chains; for one token per
-    expert, where BN / 16 warps leave the SMs with too few (docs/performance.md, session 15).
-    Each part needs its own warps: num_warps divides k_parts (else warps repeat each other's
-    work). Not with split_k or split_k1 (the same idea across programs);
     whole_k: GEMM1's unrolled loop takes every chunk of the padded K, x masked at H, so no
     remainder loop runs after it (that loop is not pipelined: its loads' latency is exposed once
     per program, where H is no multiple of 2G x k_unroll, as gpt-oss's 2880); needs the padded K's
@@ -96,7 +89,6 @@ class KernelConfig:
     split_k1: int = 1
     scale_words: bool = False
     tail_m: int = 0
-    k_parts: int = 1
     whole_k: bool = False
 
     def __post_init__(self):
@@ -125,14 +117,6 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.tail_m={t} with block_m={self.block_m} and the weight second: a slot's "
                              f"bits could depend on whether it lands in a tail block (its full blocks may run wgmma, "
                              f"a tail of fewer rows mma.sync); use swap=True or block_m <= 32")
-        if self.k_parts not in (1, 2, 4, 8, 16):
-            raise ValueError(f"KernelConfig.k_parts: expected 1, 2, 4, 8 or 16, got {self.k_parts}")
-        if self.k_parts > 1 and self.k_parts % self.num_warps:
-            raise ValueError(f"KernelConfig.k_parts={self.k_parts}: num_warps={self.num_warps} must divide it (Triton "
-                             f"gives the parts the warps; fewer parts than warps repeat each other's work)")
-        if self.k_parts > 1 and (self.split_k > 1 or self.split_k1 > 1):
-            raise ValueError(f"KernelConfig.k_parts={self.k_parts}: not with split_k={self.split_k} or split_k1="
-                             f"{self.split_k1} (K in parts within a program, or across programs: one of them)")
         if self.whole_k and self.split_k1 > 1:
             raise ValueError(f"KernelConfig.whole_k: not with split_k1={self.split_k1} (a split's chunks end where "
                              f"its part of K does)")
@@ -460,7 +444,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
             float(alpha), float(beta), float(limit) if limit is not None else 0.0,
             FMT=fmt, G=G, HAS_BIAS=has_bias1, HAS_LIMIT=limit is not None,
             BM=bm, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold13,
-            DIRECT=direct, MKP=mkp, PDL=pdl, SPLIT=S1, WORDS=words, PB=weights.w13.shape[3], KP=cfg.k_parts, WHOLE=cfg.whole_k,
+            DIRECT=direct, MKP=mkp, PDL=pdl, SPLIT=S1, WORDS=words, PB=weights.w13.shape[3], WHOLE=cfg.whole_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
         k2 = K.moe_gemm2_kernel[(NB * n2 * S,)](
             inter, weights.w2, weights.s2,
@@ -469,7 +453,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
             H, Hp, Ip, n2, *weights.w2.stride()[:3], weights.s2.stride(1), MK * H,
             FMT=fmt, G=G, HAS_BIAS=has_bias2,
             BM=bm, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold2,
-            SPLIT=S, DIRECT=direct, MKP=mkp, PDL=pdl, WORDS=words, PB=weights.w2.shape[3], KP=cfg.k_parts,
+            SPLIT=S, DIRECT=direct, MKP=mkp, PDL=pdl, WORDS=words, PB=weights.w2.shape[3],
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
         tag = "" if bm == BM else "_tail"
         launched += [("gemm1" + tag, k1, NB * n1 * S1), ("gemm2" + tag, k2, NB * n2 * S)]

@@ -92,11 +92,9 @@ def wgmma(cfg) -> bool:
     elsewhere the rule names the configurations that would be wgmma's there, and the tuner's
     bitwise check (tune.py) is what holds the family together. Tail blocks change only the token
     side (N). The token side needs 16 rows too: with 8-row blocks (the weight first) Triton 3.6
-    emits mma.sync's m16n8k16 (CPU SASS, scripts/dev/sass_loop.py --block-m 8 --swap 1). K parts
-    (k_parts > 1) are a batched MMA, which Triton 3.6 runs on mma.sync."""
+    emits mma.sync's m16n8k16 (CPU SASS, scripts/dev/sass_loop.py --block-m 8 --swap 1)."""
     sides = (cfg.block_n1, cfg.block_n2) if cfg.swap else (cfg.block_m, cfg.block_m)
-    return (cfg.num_warps % 4 == 0 and all(s % 64 == 0 for s in sides) and cfg.block_m >= 16
-            and cfg.k_parts == 1)
+    return cfg.num_warps % 4 == 0 and all(s % 64 == 0 for s in sides) and cfg.block_m >= 16
 
 
 def invariant(cfg) -> bool:
@@ -207,6 +205,21 @@ def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", bat
         c = KernelConfig(block_m=128, block_n1=64, block_n2=64, swap=True, num_warps=4, num_stages=3, k_unroll=2,
                          tail_m=32)
     return replace(c, scale_words=True)
+
+
+def with_whole_k(cfg, fmt: str, hidden: int):
+    """cfg with whole_k where GEMM1 would otherwise run a remainder loop after its unrolled one (the
+    hidden size no multiple of 2G x k_unroll, as gpt-oss's 2880) and the padded K's chunks come in
+    whole loop iterations (KernelConfig.problem_with); else cfg. The same bits either way; on an
+    H200 gpt-oss-120b took 0.95x the time at M = 1024 with it and 0.99-1.00x at M = 4, 16, 4096
+    and 8192 (docs/performance.md, session 15)."""
+    from ...kernels.moe import FORMAT_BLOCKS
+
+    chunk, u = 2 * FORMAT_BLOCKS[fmt], cfg.k_unroll
+    chunks = round_up(hidden, PAD) // chunk
+    if cfg.whole_k or cfg.split_k1 > 1 or chunks % u or (hidden // chunk) // u * u == chunks:
+        return cfg
+    return replace(cfg, whole_k=True)
 
 
 def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_invariant: bool = False):
