@@ -50,10 +50,8 @@ def compile_kernel(args):
                  CDT=tl.bfloat16, ASM=True, U=args.k_unroll, FOLD=True, DIRECT=False, MKP=16, PDL=False,
                  SPLIT=args.split, WORDS=args.words, PB=64)
     if args.kernel == "gemm1":
-        const["WHOLE"] = bool(args.whole)
-    if args.kernel == "gemm1":
         fn = K.moe_gemm1_kernel
-        const["HAS_LIMIT"] = True
+        const.update(HAS_LIMIT=True, WHOLE=bool(args.whole))
     else:
         fn = K.moe_gemm2_kernel
     sig = {a: "constexpr" if a in const else ({**TYPES, "s_ptr": s_type}).get(a, "i32") for a in fn.arg_names}
@@ -120,7 +118,8 @@ def main():
     mma = sum(v for k, v in ops.items() if "MMA" in k)
     regs = re.findall(r"REG:(\d+)", res)
     print(f"{args.kernel} {args.fmt} {args.block_m}x{args.block_n} k_unroll {args.k_unroll} words {args.words} "
-          f"warps {args.warps} stages {args.stages} swap {args.swap} whole {args.whole}: registers {regs[0] if regs else '?'}, shared "
+          f"warps {args.warps} stages {args.stages} swap {args.swap} whole {args.whole}: registers "
+          f"{regs[0] if regs else '?'}, shared "
           f"{ck.metadata.shared} B; loop {len(loop)} instructions, {mma} MMA, {sum(mio.values())} shared-memory")
     print("  shared-memory:", " ".join(f"{k} {v}" for k, v in sorted(mio.items(), key=lambda kv: -kv[1])))
     print("  most frequent:", " ".join(f"{k} {v}" for k, v in ops.most_common(12)))

@@ -18,7 +18,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_tune_kernels_writes_the_table_and_prepare_uses_it(tmp_path, monkeypatch):
     table = tmp_path / "triton_configs.json"
     monkeypatch.setenv("QMOE_TRITON_CONFIGS", str(table))
-    only = KernelConfig(16, 64, 64, True, 4, 2, 2)   # batch-invariant (the weight first, wgmma)
+    # batch-invariant (the weight first, wgmma); H = 64 leaves GEMM1 a remainder: the tuner times it with whole_k
+    only = configs.with_whole_k(KernelConfig(16, 64, 64, True, 4, 2, 2), "mxfp4", 64)
+    assert only.whole_k
     monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4": [configs.default_config(m, k, e, fmt), only])
     parser = argparse.ArgumentParser()
     tune.add_arguments(parser)
@@ -38,7 +40,7 @@ def test_tune_kernels_writes_the_table_and_prepare_uses_it(tmp_path, monkeypatch
     assert configs.invariant(KernelConfig(**entries[True]["buckets"]["3"]))
     entry = entries[False]  # the backend's default mode (batch invariance is a switch)
     winner = KernelConfig(**entry["buckets"]["3"])
-    assert winner in (configs.default_config(3, 2, 4), only)
+    assert winner in (configs.with_whole_k(configs.default_config(3, 2, 4), "mxfp4", 64), only)
 
     spec = qmoe.MoESpec(4, 2, 64, 64)
     g = torch.Generator().manual_seed(0)
@@ -63,6 +65,8 @@ def test_the_interleaved_final_round_picks_the_winners(monkeypatch):
                 KernelConfig(32, 32, 32, False, 2, 2, 2, split_k=2))
     d = KernelConfig(16, 64, 64, True, 4, 2, 2)
     base = configs.default_config(3, 2, 4)
+    # as the tuner times them (H = 64 leaves GEMM1 a remainder: whole_k where it can run)
+    a, b_, c, d, base = (configs.with_whole_k(x, "mxfp4", 64) for x in (a, b_, c, d, base))
     first = {a: 10.0, b_: 11.0, c: 12.0, d: 13.0, base: 20.0}
     final = {a: 9.0, c: 7.0, d: 8.5, base: 15.0}
     monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4": [base, a, b_, c, d])
@@ -101,9 +105,10 @@ def test_an_invariant_candidate_with_other_bits_never_wins_the_invariant_entry(m
     import qmoe.timing as timing
     from qmoe.backends.triton import tune as ktune
 
-    good, odd = KernelConfig(16, 64, 64, True, 4, 2, 2), KernelConfig(16, 64, 128, True, 4, 2, 2)
+    good, odd, base = (configs.with_whole_k(x, "mxfp4", 64) for x in (KernelConfig(16, 64, 64, True, 4, 2, 2),
+                                                                       KernelConfig(16, 64, 128, True, 4, 2, 2),
+                                                                       configs.default_config(3, 2, 4)))
     assert configs.invariant(good) and configs.invariant(odd)
-    base = configs.default_config(3, 2, 4)
     times = {good: 9.0, odd: 5.0, base: 20.0}
     monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4": [base, good, odd])
     spec, backend = qmoe.MoESpec(4, 2, 64, 64), get_backend("triton")

@@ -126,7 +126,7 @@ class KernelConfig:
 
     def problem_with(self, fmt: str, hidden_padded: int, intermediate_padded: int) -> str | None:
         """Why this configuration cannot run weights of `fmt` padded to (Hp, Ip), or None (every
-        configuration runs every format since session 9; `fmt` stays for the callers' sake).
+        configuration runs every format since session 9; `fmt` sizes whole_k's K chunks).
 
         GEMM1 runs Ip / block_n1 column tiles and GEMM2 Hp / block_n2: a block that does not
         divide the padded size would leave output columns unwritten. whole_k needs GEMM1's K

@@ -17,10 +17,11 @@ never the row's arithmetic; measured at 4096-token prefixes for mxfp4, int4 and 
 shipped entries of gpt-oss-120b, kimi-k2.5 and qwen3-30b-a3b on an H200, and checked by the
 tuner: an invariant winner must give the family's default configuration's bits). Since session
 10 the family holds the fastest prefill configurations (the shipped table's prefill entries are
-the same in both modes); at decode it keeps the weight second's mma.sync tiles out: 1.03-1.10x
-for gpt-oss-120b and 1.01-1.05x for kimi-k2.5 at M = 1..256, at most 1.01x for qwen3-30b-a3b
-(the tuner's interleaved final round, docs/performance.md), more than the 3% that would make it
-the default.
+the same in both modes: 1.00x the default's time at M = 1024 and up); at decode it keeps the
+8-row mma.sync tiles out, which the default table runs from M = 1 to 64: the mode took 1.22 /
+0.99 / 1.14 / 1.18x the default's time at M = 1 / 4 / 16 / 64 for gpt-oss-120b, 1.22 / 1.18 /
+1.25 / 1.29x for kimi-k2.5, 1.14 / 1.04 / 1.09 / 1.07x for qwen3-30b-a3b (qmoe bench on an H200,
+docs/performance.md session 15), more than the 3% that would make it the default.
 Switch it on before building a MoE:
 
     qmoe.backends.get_backend("triton").batch_invariant = True
