@@ -19,7 +19,7 @@ def test_tune_kernels_writes_the_table_and_prepare_uses_it(tmp_path, monkeypatch
     table = tmp_path / "triton_configs.json"
     monkeypatch.setenv("QMOE_TRITON_CONFIGS", str(table))
     # batch-invariant (the weight first, wgmma); H = 64 leaves GEMM1 a remainder: the tuner times it with whole_k
-    only = configs.with_whole_k(KernelConfig(16, 64, 64, True, 4, 2, 2), "mxfp4", 64)
+    only = configs.with_whole_k(KernelConfig(16, 64, 64, True, 4, 2, 2), "mxfp4", 64, 128)
     assert only.whole_k
     monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4": [configs.default_config(m, k, e, fmt), only])
     parser = argparse.ArgumentParser()
@@ -40,7 +40,7 @@ def test_tune_kernels_writes_the_table_and_prepare_uses_it(tmp_path, monkeypatch
     assert configs.invariant(KernelConfig(**entries[True]["buckets"]["3"]))
     entry = entries[False]  # the backend's default mode (batch invariance is a switch)
     winner = KernelConfig(**entry["buckets"]["3"])
-    assert winner in (configs.with_whole_k(configs.default_config(3, 2, 4), "mxfp4", 64), only)
+    assert winner in (configs.with_whole_k(configs.default_config(3, 2, 4), "mxfp4", 64, 128), only)
 
     spec = qmoe.MoESpec(4, 2, 64, 64)
     g = torch.Generator().manual_seed(0)
@@ -66,7 +66,7 @@ def test_the_interleaved_final_round_picks_the_winners(monkeypatch):
     d = KernelConfig(16, 64, 64, True, 4, 2, 2)
     base = configs.default_config(3, 2, 4)
     # as the tuner times them (H = 64 leaves GEMM1 a remainder: whole_k where it can run)
-    a, b_, c, d, base = (configs.with_whole_k(x, "mxfp4", 64) for x in (a, b_, c, d, base))
+    a, b_, c, d, base = (configs.with_whole_k(x, "mxfp4", 64, 128) for x in (a, b_, c, d, base))
     first = {a: 10.0, b_: 11.0, c: 12.0, d: 13.0, base: 20.0}
     final = {a: 9.0, c: 7.0, d: 8.5, base: 15.0}
     monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4": [base, a, b_, c, d])
@@ -105,9 +105,9 @@ def test_an_invariant_candidate_with_other_bits_never_wins_the_invariant_entry(m
     import qmoe.timing as timing
     from qmoe.backends.triton import tune as ktune
 
-    good, odd, base = (configs.with_whole_k(x, "mxfp4", 64) for x in (KernelConfig(16, 64, 64, True, 4, 2, 2),
-                                                                       KernelConfig(16, 64, 128, True, 4, 2, 2),
-                                                                       configs.default_config(3, 2, 4)))
+    plain = (KernelConfig(16, 64, 64, True, 4, 2, 2), KernelConfig(16, 64, 128, True, 4, 2, 2),
+             configs.default_config(3, 2, 4))
+    good, odd, base = (configs.with_whole_k(x, "mxfp4", 64, 128) for x in plain)
     assert configs.invariant(good) and configs.invariant(odd)
     times = {good: 9.0, odd: 5.0, base: 20.0}
     monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4": [base, good, odd])
@@ -161,11 +161,11 @@ def test_with_whole_k_only_where_a_remainder_loop_would_run():
     and the padded K is whole loop iterations: gpt-oss's 2880 (46 chunks of mxfp4 padded, 45 inside
     H) at k_unroll 2, not at 4 (46 is no multiple), never for kimi's 7168 (no remainder)."""
     two, four = KernelConfig(64, 64, 64, True, 4, 3, 2), KernelConfig(64, 64, 64, True, 4, 3, 4)
-    assert configs.with_whole_k(two, "mxfp4", 2880).whole_k
-    assert not configs.with_whole_k(four, "mxfp4", 2880).whole_k
-    assert not configs.with_whole_k(two, "int4", 7168).whole_k
-    assert configs.with_whole_k(two, "nvfp4", 2880).whole_k    # 92 chunks of 32 padded, 90 inside H
+    assert configs.with_whole_k(two, "mxfp4", 2880, 2944).whole_k
+    assert not configs.with_whole_k(four, "mxfp4", 2880, 2944).whole_k
+    assert not configs.with_whole_k(two, "int4", 7168, 7168).whole_k
+    assert configs.with_whole_k(two, "nvfp4", 2880, 2944).whole_k    # 92 chunks of 32 padded, 90 inside H
     split = KernelConfig(16, 64, 64, False, 4, 3, 2, split_k1=2)
-    assert configs.with_whole_k(split, "mxfp4", 2880) == split
-    for c in (configs.with_whole_k(two, "mxfp4", 2880), configs.with_whole_k(two, "nvfp4", 2880)):
+    assert configs.with_whole_k(split, "mxfp4", 2880, 2944) == split
+    for c in (configs.with_whole_k(two, "mxfp4", 2880, 2944), configs.with_whole_k(two, "nvfp4", 2880, 2944)):
         assert c.problem_with("mxfp4", 2944, 2944) is None

@@ -493,8 +493,7 @@ def moe_gemm1_kernel(
     else:
         c_lo, c_hi = _split_chunks(Kp // (2 * G), sk, SPLIT, U)
         c_main = c_lo + (tl.maximum(tl.minimum(c_hi, H // (2 * G)) - c_lo, 0)) // U * U
-    # U chunks per iteration, in pairs, unrolled (their loads are independent); no masks in this loop
-    # unless WHOLE
+    # U chunks per iteration, in pairs, unrolled (their loads are independent); no masks unless WHOLE
     for c0 in range(c_lo, c_main, U):
         sg = _group_scales(sg_rows, c0, U, FMT, WORDS)
         su = _group_scales(su_rows, c0, U, FMT, WORDS)

@@ -135,8 +135,15 @@ class KernelConfig:
             return f"block_n1={self.block_n1} does not divide the padded intermediate size {intermediate_padded}"
         if hidden_padded % self.block_n2:
             return f"block_n2={self.block_n2} does not divide the padded hidden size {hidden_padded}"
+        if self.whole_k:
+            return self.whole_k_problem(fmt, hidden_padded)
+        return None
+
+    def whole_k_problem(self, fmt: str, hidden_padded: int) -> str | None:
+        """Why whole_k cannot run GEMM1 over a padded hidden size of `fmt`, or None: the unrolled
+        loop takes k_unroll K chunks (2G elements each) at a time, so their number must divide."""
         chunks = hidden_padded // (2 * FORMAT_BLOCKS.get(fmt, 32))
-        if self.whole_k and chunks % self.k_unroll:
+        if chunks % self.k_unroll:
             return (f"whole_k: the padded hidden size {hidden_padded} is {chunks} K chunks of {fmt}, no whole number "
                     f"of k_unroll={self.k_unroll}")
         return None

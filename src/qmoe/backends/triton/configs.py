@@ -207,19 +207,19 @@ def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", bat
     return replace(c, scale_words=True)
 
 
-def with_whole_k(cfg, fmt: str, hidden: int):
+def with_whole_k(cfg, fmt: str, hidden: int, hidden_padded: int):
     """cfg with whole_k where GEMM1 would otherwise run a remainder loop after its unrolled one (the
-    hidden size no multiple of 2G x k_unroll, as gpt-oss's 2880) and the padded K's chunks come in
-    whole loop iterations (KernelConfig.problem_with); else cfg. The same bits either way; on an
+    hidden size no multiple of 2G x k_unroll, as gpt-oss's 2880) and whole_k can run over the
+    padded hidden size (KernelConfig.whole_k_problem); else cfg. The same bits either way; on an
     H200 gpt-oss-120b took 0.95x the time at M = 1024 with it and 0.99-1.00x at M = 4, 16, 4096
     and 8192 (docs/performance.md, session 15)."""
     from ...kernels.moe import FORMAT_BLOCKS
 
     chunk, u = 2 * FORMAT_BLOCKS[fmt], cfg.k_unroll
-    chunks = round_up(hidden, PAD) // chunk
-    if cfg.whole_k or cfg.split_k1 > 1 or chunks % u or (hidden // chunk) // u * u == chunks:
+    if cfg.whole_k or cfg.split_k1 > 1 or (hidden // chunk) // u * u == hidden_padded // chunk:
         return cfg
-    return replace(cfg, whole_k=True)
+    whole = replace(cfg, whole_k=True)
+    return cfg if whole.whole_k_problem(fmt, hidden_padded) else whole
 
 
 def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_invariant: bool = False):

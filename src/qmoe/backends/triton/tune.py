@@ -52,7 +52,7 @@ def tune(backend, spec, fmt: str, ms, device, progress=None, weights=None, reps:
     weights = weights or random_weights(spec, fmt, device)
     prep = backend.prepare(spec, weights)
     kw = prep.meta["kernel_weights"]
-    plan = [(m, [_configs.with_whole_k(c, fmt, spec.hidden_size)
+    plan = [(m, [_configs.with_whole_k(c, fmt, spec.hidden_size, kw.Hp)
                  for c in _configs.candidates(m, spec.top_k, spec.num_experts, fmt)
                  if c.problem_with(fmt, kw.Hp, kw.Ip) is None]) for m in sorted(set(ms))]
     total, done = sum(len(c) for _, c in plan), 0
