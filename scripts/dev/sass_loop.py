@@ -9,7 +9,7 @@ session-6 counters found to be what the decode GEMMs wait on (docs/performance.m
 Arguments carry the divisibility facts a real launch gives Triton (pointers and row strides
 divisible by 16; without them the same source compiles to one-byte loads). The main loop is the
 loop with the most MMAs (then cp.async, then length). Options: --block-m, --block-n, --k-unroll, --warps,
---stages, --split, --whole (whole_k), --fuse (fused_combine), --words (the scales' loads: 2 = 32- and 64-bit, 1 = 32-bit but int4's
+--stages, --split, --whole (whole_k), --words (the scales' loads: 2 = 32- and 64-bit, 1 = 32-bit but int4's
 64-bit pairs, 0 = one per scale), --swap (1: the weight first), --triton (where Triton 3.6
 lies), --sass FILE (keep the whole SASS), --ttgir FILE (keep the TTGIR, for the layouts).
 """
@@ -27,8 +27,7 @@ FORMATS = {"mxfp4": (0, 32, "*u8"), "nvfp4": (1, 16, "*u8"), "int4": (2, 32, "*i
 """format -> (FMT code, G, the scales' pointer type)."""
 TYPES = {"x_ptr": "*bf16", "inter_ptr": "*bf16", "w_ptr": "*u8", "gs_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32",
          "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "topk_w_ptr": "*fp32", "ids_ptr": "*i32",
-         "part_ptr": "*fp32", "lock_ptr": "*i32",
-         "out_ptr": "*bf16", "shared_ptr": "*bf16", "alpha": "fp32", "beta": "fp32", "limit": "fp32"}
+         "part_ptr": "*fp32", "lock_ptr": "*i32", "alpha": "fp32", "beta": "fp32", "limit": "fp32"}
 DIVISIBLE = {"x_ptr", "w_ptr", "s_ptr", "gs_ptr", "b_ptr", "inter_ptr", "y_ptr", "sorted_ptr", "block_expert_ptr",
              "ids_ptr", "topk_w_ptr", "part_ptr", "lock_ptr", "stride_xm", "H", "Hp", "Ip", "Kp", "WE", "WR", "WP",
              "part_stride", "y_split_stride"}
@@ -55,7 +54,6 @@ def compile_kernel(args):
         const.update(HAS_LIMIT=True, WHOLE=bool(args.whole))
     else:
         fn = K.moe_gemm2_kernel
-        const.update(FUSE=bool(args.fuse), HAS_SHARED=False, K_P2=8)
     sig = {a: "constexpr" if a in const else ({**TYPES, "s_ptr": s_type}).get(a, "i32") for a in fn.arg_names}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in DIVISIBLE if a in fn.arg_names}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
@@ -93,7 +91,6 @@ def main():
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--split", type=int, default=1)
-    ap.add_argument("--fuse", type=int, choices=(0, 1), default=0, help="KernelConfig.fused_combine (GEMM2)")
     ap.add_argument("--whole", type=int, choices=(0, 1), default=0, help="KernelConfig.whole_k (GEMM1)")
     ap.add_argument("--words", type=int, choices=(0, 1, 2), default=2)
     ap.add_argument("--swap", type=int, choices=(0, 1), default=0, help="the weight as the MMA's first operand")

@@ -548,22 +548,16 @@ def moe_gemm2_kernel(
     sorted_ptr, block_expert_ptr, topk_w_ptr,   # topk_weights flat [M * top_k] f32
     ids_ptr, MK, E,                   # [M * k] i32 expert ids (DIRECT: the grouping is done here)
     H, Hp, Ip, n_tiles, WE, WR, WP, NSC, y_split_stride,   # WE, WR, WP: w2's strides (bytes), as GEMM1's
-    out_ptr, shared_ptr, lock_ptr, M, top_k, arrivals,   # FUSE: out [M, H]; shared [M, H] or dummy; i32 [n_tiles]
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
     U: tl.constexpr, FOLD: tl.constexpr, SPLIT: tl.constexpr, DIRECT: tl.constexpr, MKP: tl.constexpr,
     PDL: tl.constexpr, WORDS: tl.constexpr, PB: tl.constexpr,
-    FUSE: tl.constexpr, HAS_SHARED: tl.constexpr, K_P2: tl.constexpr,
 ):
     """GEMM2: one block of BM intermediate rows (one expert) times BN rows of w2, plus b2,
     times each slot's routing weight, stored to that slot's row of y (combined later in a
     fixed order, so the result is deterministic). With SPLIT > 1, SPLIT programs share a tile,
     each over 1/SPLIT of K (split-K, for few active experts: SPLIT times the programs); split 0
-    adds the bias, and each writes its own copy of y (y_split_stride elements apart).
-
-    FUSE (KernelConfig.fused_combine): the combine runs here, not in a launch of its own: each
-    column tile's last program (of `arrivals` = blocks x SPLIT, the empty blocks' included) sums
-    the tile's columns of y into out (`_arrive_and_combine`)."""
+    adds the bias, and each writes its own copy of y (y_split_stride elements apart)."""
     tl.static_assert(U % 2 == 0, "U (k_unroll) must be even: the kernels read K chunks in pairs")
     pid = tl.program_id(0)
     sk = pid % SPLIT
@@ -572,9 +566,6 @@ def moe_gemm2_kernel(
     _pdl_begin(PDL)
     e, rm, slots, valid = _block(ids_ptr, MK, E, sorted_ptr, block_expert_ptr, blk, BM, DIRECT, MKP)
     if e < 0:
-        if FUSE:
-            _arrive_and_combine(lock_ptr, nt, arrivals, y_ptr, ids_ptr, shared_ptr, out_ptr, M, H, top_k, E,
-                                y_split_stride, nt * BN + tl.arange(0, BN), HAS_SHARED, K_P2, SPLIT)
         return
     e64 = e.to(tl.int64)
     rn = nt * BN + tl.arange(0, BN)
@@ -609,60 +600,10 @@ def moe_gemm2_kernel(
     wt = tl.load(topk_w_ptr + tl.where(valid, slots, 0), mask=valid, other=0.0)
     acc = acc * wt[:, None]
     slot64 = tl.where(valid, slots, 0).to(tl.int64)
-    y_mine = y_ptr
     if SPLIT > 1:
-        y_mine += sk.to(tl.int64) * y_split_stride   # (SPLIT - 1) x the stride can pass 2^31
-    tl.store(y_mine + slot64[:, None] * H + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+        y_ptr += sk.to(tl.int64) * y_split_stride   # (SPLIT - 1) x the stride can pass 2^31
+    tl.store(y_ptr + slot64[:, None] * H + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=valid[:, None] & (rn < H)[None, :])
-    if FUSE:
-        _arrive_and_combine(lock_ptr, nt, arrivals, y_ptr, ids_ptr, shared_ptr, out_ptr, M, H, top_k, E,
-                            y_split_stride, rn, HAS_SHARED, K_P2, SPLIT)
-
-
-@triton.jit
-def _combine_row(y_ptr, ids_ptr, shared_ptr, out_ptr, t, rh, H, top_k, E, y_split_stride, HAS_SHARED: tl.constexpr,
-                 K_P2: tl.constexpr, SPLIT: tl.constexpr, CG: tl.constexpr):
-    """out[t, rh] = sum over splits s, then slots j with an expert, of y[s, t * k + j, rh] (fixed
-    order: deterministic) (+ shared_output[t, rh]), in out's dtype; a token naming an id outside
-    [-1, E) gets NaN. t: the token (int64 unless M * H fits 32 bits); rh: [BH] columns (masked at
-    H); CG: read y past the L1 (written by other programs of the same launch)."""
-    hm = rh < H
-    rj = tl.arange(0, K_P2)
-    ids = tl.load(ids_ptr + t * top_k + rj, mask=rj < top_k, other=-1)
-    use = (ids >= 0) & (ids < E)
-    bad = tl.sum(((ids < -1) | (ids >= E)).to(tl.int32), axis=0) > 0
-    rows = y_ptr + (t * top_k + rj)[:, None] * H + rh[None, :]
-    m = use[:, None] & hm[None, :]
-    if CG:
-        y = tl.load(rows, mask=m, other=0.0, cache_modifier=".cg")
-    else:
-        y = tl.load(rows, mask=m, other=0.0)
-    for s in tl.static_range(1, SPLIT):
-        if CG:
-            y += tl.load(rows + y_split_stride.to(tl.int64) * s, mask=m, other=0.0, cache_modifier=".cg")
-        else:
-            y += tl.load(rows + y_split_stride.to(tl.int64) * s, mask=m, other=0.0)
-    acc = tl.sum(y.to(tl.float32), axis=0)
-    if HAS_SHARED:
-        acc += tl.load(shared_ptr + t * H + rh, mask=hm, other=0.0).to(tl.float32)
-    acc = tl.where(bad, float("nan"), acc)
-    tl.store(out_ptr + t * H + rh, acc.to(out_ptr.dtype.element_ty), mask=hm)
-
-
-@triton.jit
-def _arrive_and_combine(lock_ptr, nt, arrivals, y_ptr, ids_ptr, shared_ptr, out_ptr, M, H, top_k, E, y_split_stride,
-                        rn, HAS_SHARED: tl.constexpr, K_P2: tl.constexpr, SPLIT: tl.constexpr):
-    """GEMM2 with the combine (KernelConfig.fused_combine): every program of column tile nt counts
-    itself in once its rows of y are stored; the last of the tile's `arrivals` programs runs the
-    combine of those columns for all M tokens (`_combine_row`, the combine kernel's sum), then
-    takes the count back to 0 for the next call. The same ordering as GEMM1's split-K counters."""
-    tl.debug_barrier()             # every thread's y rows stored before the count (acq_rel, gpu scope)
-    done = tl.atomic_add(lock_ptr + nt, 1)
-    if done == arrivals - 1:
-        for t in range(0, M):   # M * k <= DIRECT_MAX_SLOTS: 32-bit offsets suffice
-            _combine_row(y_ptr, ids_ptr, shared_ptr, out_ptr, t, rn, H, top_k, E, y_split_stride, HAS_SHARED, K_P2,
-                         SPLIT, True)
-        tl.atomic_add(lock_ptr + nt, -arrivals)
 
 
 @triton.jit
@@ -671,15 +612,27 @@ def moe_combine_kernel(
     H, top_k, E, y_split_stride,
     HAS_SHARED: tl.constexpr, K_P2: tl.constexpr, BH: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
-    """out[t] (BH columns per program) from the per-slot rows of y (`_combine_row`). Every element
-    of out is written. A token naming an id outside [-1, E) gets a NaN row (grouping ignored the
-    slot): bad ids are visible in the output, never a read or write out of bounds, and cost no
-    host sync."""
+    """out[t] = sum over splits s, then slots j with an expert, of y[s, t * k + j] (fixed
+    order: deterministic) (+ shared_output[t]), in out's dtype. Every element of out is written.
+    A token naming an id outside [-1, E) gets a NaN row (grouping ignored the slot): bad ids are
+    visible in the output, never a read or write out of bounds, and cost no host sync."""
     t = tl.program_id(0).to(tl.int64)
     rh = tl.program_id(1) * BH + tl.arange(0, BH)
+    hm = rh < H
+    rj = tl.arange(0, K_P2)
     _pdl_begin(PDL)
-    _combine_row(y_ptr, ids_ptr, shared_ptr, out_ptr, t, rh, H, top_k, E, y_split_stride, HAS_SHARED, K_P2, SPLIT,
-                 False)
+    ids = tl.load(ids_ptr + t * top_k + rj, mask=rj < top_k, other=-1)
+    use = (ids >= 0) & (ids < E)
+    bad = tl.sum(((ids < -1) | (ids >= E)).to(tl.int32), axis=0) > 0
+    y = tl.load(y_ptr + (t * top_k + rj)[:, None] * H + rh[None, :], mask=use[:, None] & hm[None, :], other=0.0)
+    for s in tl.static_range(1, SPLIT):
+        y += tl.load(y_ptr + y_split_stride.to(tl.int64) * s + (t * top_k + rj)[:, None] * H + rh[None, :],
+                     mask=use[:, None] & hm[None, :], other=0.0)
+    acc = tl.sum(y.to(tl.float32), axis=0)
+    if HAS_SHARED:
+        acc += tl.load(shared_ptr + t * H + rh, mask=hm, other=0.0).to(tl.float32)
+    acc = tl.where(bad, float("nan"), acc)
+    tl.store(out_ptr + t * H + rh, acc.to(out_ptr.dtype.element_ty), mask=hm)
 
 
 # ---- token grouping -----------------------------------------------------------------------

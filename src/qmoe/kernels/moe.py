@@ -73,11 +73,7 @@ class KernelConfig:
     whole_k: GEMM1's unrolled loop takes every chunk of the padded K, x masked at H, so no
     remainder loop runs after it (that loop is not pipelined: its loads' latency is exposed once
     per program, where H is no multiple of 2G x k_unroll, as gpt-oss's 2880); needs the padded K's
-    chunks in whole groups of k_unroll (problem_with), not with split_k1;
-    fused_combine: with direct grouping (decode: M * k <= DIRECT_MAX_SLOTS), no combine launch:
-    the last GEMM2 program of each column tile sums that tile's columns of y into the output (a
-    counter per tile, as GEMM1's split-K; the combine kernel's sum, in a fixed order). Outside
-    the batch-invariant family (the sum's lanes differ from the combine kernel's).
+    chunks in whole groups of k_unroll (problem_with), not with split_k1.
     """
 
     block_m: int = 16
@@ -94,7 +90,6 @@ class KernelConfig:
     scale_words: bool = False
     tail_m: int = 0
     whole_k: bool = False
-    fused_combine: bool = False
 
     def __post_init__(self):
         for f in ("block_m", "block_n1", "block_n2"):
@@ -439,12 +434,6 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     n1, n2 = Ip // cfg.block_n1, Hp // cfg.block_n2
     S1, S = cfg.split_k1, cfg.split_k
     y = torch.empty(S, MK, H, dtype=torch.float32, device=x.device)
-    fuse = direct and cfg.fused_combine   # the combine inside GEMM2 (one part: direct grouping has no tails)
-    if fuse:   # GEMM2's counters after GEMM1's split-K ones in the weights' buffer
-        first = parts[0][3] * n1 if S1 > 1 else 0
-        locks2 = split_counters(weights, first + n2)[first:first + n2]
-    else:
-        locks2 = dummy
     launched = []
     # each part (the blocks of block_m rows, then the tail blocks) is one GEMM1 launch and one GEMM2
     # launch; the parts share y, which GEMM2 writes by slot
@@ -469,17 +458,13 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
             weights.gs2 if weights.gs2 is not None else dummy, weights.b2 if has_bias2 else dummy,
             y, sorted_slots, block_expert, topk_weights, ids, MK, E,
             H, Hp, Ip, n2, *weights.w2.stride()[:3], weights.s2.stride(1), MK * H,
-            out, shared_output if shared_output is not None else out, locks2, M, k, NB * S,
             FMT=fmt, G=G, HAS_BIAS=has_bias2,
             BM=bm, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold2,
             SPLIT=S, DIRECT=direct, MKP=mkp, PDL=pdl, WORDS=words, PB=weights.w2.shape[3],
-            FUSE=fuse, HAS_SHARED=shared_output is not None, K_P2=max(2, triton.next_power_of_2(k)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
         tag = "" if bm == BM else "_tail"
         launched += [("gemm1" + tag, k1, NB * n1 * S1), ("gemm2" + tag, k2, NB * n2 * S)]
     _record(stats, launched)
-    if fuse:
-        return out
     return _combine(y, topk_ids, E, out, shared_output, pdl)
 
 

@@ -109,7 +109,7 @@ def invariant(cfg) -> bool:
     in some rows (51 of 256 for gpt-oss-120b); split-K adds partial sums in another order. This
     family replaced the mma.sync one in session 10: it holds the fastest prefill configurations
     (the weight first, session 9), which the mma.sync family kept out at 1.6-1.9x the time."""
-    return wgmma(cfg) and cfg.split_k == 1 and cfg.split_k1 == 1 and not cfg.fused_combine
+    return wgmma(cfg) and cfg.split_k == 1 and cfg.split_k1 == 1
 
 
 def problem(gpu: str, fmt: str, spec, batch_invariant: bool = False) -> str:
