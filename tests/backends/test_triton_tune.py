@@ -145,6 +145,8 @@ def test_candidates_fit_every_preset_and_the_shipped_table_is_usable():
             for inv in (False, True):
                 cands = configs.candidates(m, spec.top_k, spec.num_experts, fmt, inv)
                 assert cands and len(set(cands)) == len(cands), (name, m, inv)
+                prefill = m * spec.top_k / spec.num_experts >= 2
+                assert any(c.y_bf16 for c in cands) == (prefill and not inv), (name, m, inv)
                 for c in cands:
                     assert c.problem_with(fmt, Hp, Ip) is None, (name, m, c)
                     assert c.scale_words and (configs.invariant(c) or not inv), (name, m, c)

@@ -646,6 +646,29 @@ def test_direct_grouping_matches_the_grouping_kernels(fmt, M, k, E, bm):
     assert rel_err(direct, reference_moe(spec, w, x, ids, tw)) < TOL
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_y_bf16_rounds_each_slot_row_once(fmt):
+    """KernelConfig.y_bf16 (the slots' rows of y in bf16): within the tolerance of the float64
+    reference, at most one bf16 rounding per slot away from the fp32 path (the interpreter
+    truncates fp32 -> bf16: 2^-7 of each row at most), deterministic, with a shared output and
+    tail blocks; refused with split-K."""
+    spec, w = make(6, 3, 160, 96, fmt, seed=31)
+    b = get_backend("triton")
+    prep = b.prepare(spec, w)
+    x, ids, tw = inputs(spec, 9, seed=5, drop=0.1)
+    shared = torch.randn(9, 160, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).to(DEVICE)
+    cfg = KernelConfig(32, 32, 32, True, k_unroll=2, tail_m=16)
+    outs = []
+    for c in (cfg, dataclasses.replace(cfg, y_bf16=True), dataclasses.replace(cfg, y_bf16=True)):
+        out = torch.full((9, 160), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        outs.append(b.forward(prep, x, ids, tw, out, shared_output=shared, config=c))
+    ref = reference_moe(spec, w, x, ids, tw) + shared.double()
+    assert rel_err(outs[1], ref) < TOL and torch.equal(outs[1], outs[2])
+    assert 0 < rel_err(outs[1], outs[0].double()) < 2 ** -7
+    with pytest.raises(ValueError, match="y_bf16"):
+        KernelConfig(16, 64, 64, split_k=2, y_bf16=True)
+
+
 def test_direct_grouping_poisons_bad_ids_too():
     spec, w = make(4, 2, 64, 64, "int4", seed=5)
     x, ids, tw = inputs(spec, 3, seed=1, drop=0.0)

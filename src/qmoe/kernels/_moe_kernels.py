@@ -544,7 +544,7 @@ def moe_gemm1_kernel(
 def moe_gemm2_kernel(
     inter_ptr,                        # [NB * BM, Ip] bf16
     w_ptr, s_ptr, gs_ptr, b_ptr,      # w2 [E, Hp, Ip/(2PB), PB] u8; scales [E, Hp, Ip/G]; gs [E] f32; b2 [E, Hp] f32
-    y_ptr,                            # [SPLIT, M * top_k, H] per-slot outputs (fp32)
+    y_ptr,                            # [SPLIT, M * top_k, H] per-slot outputs (fp32; bf16: KernelConfig.y_bf16)
     sorted_ptr, block_expert_ptr, topk_w_ptr,   # topk_weights flat [M * top_k] f32
     ids_ptr, MK, E,                   # [M * k] i32 expert ids (DIRECT: the grouping is done here)
     H, Hp, Ip, n_tiles, WE, WR, WP, NSC, y_split_stride,   # WE, WR, WP: w2's strides (bytes), as GEMM1's

@@ -73,7 +73,12 @@ class KernelConfig:
     whole_k: GEMM1's unrolled loop takes every chunk of the padded K, x masked at H, so no
     remainder loop runs after it (that loop is not pipelined: its loads' latency is exposed once
     per program, where H is no multiple of 2G x k_unroll, as gpt-oss's 2880); needs the padded K's
-    chunks in whole groups of k_unroll (problem_with), not with split_k1.
+    chunks in whole groups of k_unroll (problem_with), not with split_k1;
+    y_bf16: GEMM2 stores each slot's output row (y, [M * k, H]) in bf16 rather than fp32, which
+    halves the bytes GEMM2 writes and the combine reads (M * k * H * 2 each: 0.5 GB at
+    qwen3-30b-a3b M = 8192), at the price of one bf16 rounding of each slot's row before the
+    combine's fp32 sum (as the peers' per-slot outputs); not with split_k (each partial sum would
+    be rounded).
     """
 
     block_m: int = 16
@@ -90,6 +95,7 @@ class KernelConfig:
     scale_words: bool = False
     tail_m: int = 0
     whole_k: bool = False
+    y_bf16: bool = False
 
     def __post_init__(self):
         for f in ("block_m", "block_n1", "block_n2"):
@@ -120,6 +126,9 @@ class KernelConfig:
         if self.whole_k and self.split_k1 > 1:
             raise ValueError(f"KernelConfig.whole_k: not with split_k1={self.split_k1} (a split's chunks end where "
                              f"its part of K does)")
+        if self.y_bf16 and self.split_k > 1:
+            raise ValueError(f"KernelConfig.y_bf16: not with split_k={self.split_k} (each partial sum would be rounded "
+                             f"to bf16 before they are added)")
         if t and self.split_k1 > 1:
             raise ValueError(f"KernelConfig.tail_m={t}: not with split_k1={self.split_k1} (tail blocks are for "
                              f"prefill, split-K for few tokens)")
@@ -433,7 +442,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     inters = inter_all.split(rows)
     n1, n2 = Ip // cfg.block_n1, Hp // cfg.block_n2
     S1, S = cfg.split_k1, cfg.split_k
-    y = torch.empty(S, MK, H, dtype=torch.float32, device=x.device)
+    y = torch.empty(S, MK, H, dtype=torch.bfloat16 if cfg.y_bf16 else torch.float32, device=x.device)
     launched = []
     # each part (the blocks of block_m rows, then the tail blocks) is one GEMM1 launch and one GEMM2
     # launch; the parts share y, which GEMM2 writes by slot
@@ -503,7 +512,7 @@ def _record(stats, launches):
 
 
 def _combine(y, topk_ids, E, out, shared_output, pdl=False):
-    """y: [S, M * k, H] fp32 (S split-K partial sums) -> out (+ shared_output); rows of tokens
+    """y: [S, M * k, H] fp32 or bf16 (S split-K partial sums) -> out (+ shared_output); rows of tokens
     with an id outside [-1, E) become NaN."""
     M, H = out.shape
     k = topk_ids.shape[1]

@@ -108,8 +108,9 @@ def invariant(cfg) -> bool:
     or 32-column tiles with the weight first) are a family of their own that differs from this one
     in some rows (51 of 256 for gpt-oss-120b); split-K adds partial sums in another order. This
     family replaced the mma.sync one in session 10: it holds the fastest prefill configurations
-    (the weight first, session 9), which the mma.sync family kept out at 1.6-1.9x the time."""
-    return wgmma(cfg) and cfg.split_k == 1 and cfg.split_k1 == 1
+    (the weight first, session 9), which the mma.sync family kept out at 1.6-1.9x the time. Slots'
+    rows of y in bf16 (y_bf16) round before the combine: a family of their own, kept out."""
+    return wgmma(cfg) and cfg.split_k == 1 and cfg.split_k1 == 1 and not cfg.y_bf16
 
 
 def problem(gpu: str, fmt: str, spec, batch_invariant: bool = False) -> str:
@@ -234,7 +235,9 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     the batch-invariant family): 16-row decode tiles, 8-row ones (mma.sync, outside that
     family), and from 2 tokens per expert 32- to 128-row blocks, 4 stages or 4 chunks per
     iteration, and tail blocks (`KernelConfig.tail_m`).
-    All load the scales as 32- or 64-bit words (`default_config`)."""
+    All load the scales as 32- or 64-bit words (`default_config`). From 2 tokens per expert, each
+    without split-K also stores the slots' rows of y in bf16 (`KernelConfig.y_bf16`), outside the
+    batch-invariant family (`invariant`), whose candidates keep fp32."""
     from ...kernels.moe import KernelConfig as C
 
     per_expert = m * top_k / num_experts
@@ -282,7 +285,12 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
                 C(128, 128, 128, True, 8, 3, 2, tail_m=64), C(64, 64, 64, True, 4, 3, 2, tail_m=32),
                 C(64, 64, 64, True, 4, 4, 2, tail_m=32), C(64, 128, 128, True, 8, 3, 2, tail_m=32)]
     out = list(dict.fromkeys(replace(c, scale_words=True) for c in out))
-    return [c for c in out if invariant(c)] if batch_invariant else out
+    if batch_invariant:
+        return [c for c in out if invariant(c)]
+    if per_expert >= 2:   # each also with the slots' rows of y in bf16 (KernelConfig.y_bf16; session 16, an
+        # H200: 0.93-0.99x the time at M = 64..8192 for the three presets, 1.00x for gpt-oss-120b at 8192)
+        out += [replace(c, y_bf16=True) for c in out if c.split_k == 1]
+    return out
 
 
 __all__ = ["ENV_VAR", "SHIPPED", "USER_TABLE", "candidates", "config_for", "default_config", "invariant",
