@@ -65,7 +65,8 @@ def main_loop(sass: str) -> list[str]:
     """The instructions (opcode and operands) of the main K loop: of the loops (backward
     branches), the one with the most MMAs, then the most cp.async (the pipelined main loop rather
     than the kernels' unpipelined remainder loop, which can be longer: the weight-first ones),
-    then the longest."""
+    then the longest; a backward branch whose span holds an EXIT is out-of-line code (TMA's
+    mbarrier waits retry after the kernel's end), not a loop."""
     ins = [(int(m.group(1), 16), m.group(2)) for m in
            (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s*(.*?);", line) for line in sass.splitlines()) if m]
     best, best_key = None, None
@@ -73,6 +74,8 @@ def main_loop(sass: str) -> list[str]:
         m = re.search(r"BRA\s+0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < addr:
             body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            if any(t.startswith("EXIT") for t in body):   # a jump back from out-of-line code (an mbarrier's
+                continue                                   # retry after the kernel's end): no loop
             key = (sum("MMA" in t for t in body), sum("LDGSTS" in t for t in body), len(body))
             if best_key is None or key > best_key:
                 best, best_key = body, key
