@@ -9,7 +9,7 @@ session-6 counters found to be what the decode GEMMs wait on (docs/performance.m
 Arguments carry the divisibility facts a real launch gives Triton (pointers and row strides
 divisible by 16; without them the same source compiles to one-byte loads). The main loop is the
 loop with the most MMAs (then cp.async, then length). Options: --block-m, --block-n, --k-unroll, --warps,
---stages, --split, --whole (whole_k), --tma (tma2), --words (the scales' loads: 2 = 32- and 64-bit, 1 = 32-bit but int4's
+--stages, --split, --whole (whole_k), --words (the scales' loads: 2 = 32- and 64-bit, 1 = 32-bit but int4's
 64-bit pairs, 0 = one per scale), --swap (1: the weight first), --triton (where Triton 3.6
 lies), --sass FILE (keep the whole SASS), --ttgir FILE (keep the TTGIR, for the layouts).
 """
@@ -54,10 +54,7 @@ def compile_kernel(args):
         const.update(HAS_LIMIT=True, WHOLE=bool(args.whole))
     else:
         fn = K.moe_gemm2_kernel
-        const.update(TMA=bool(args.tma))
-    box = 4 * G if args.swap and G == 16 else G
-    types = {**TYPES, "s_ptr": s_type, "a_desc": f"tensordesc<bf16[{args.block_m}, {box}]>" if args.tma else "*bf16"}
-    sig = {a: "constexpr" if a in const else types.get(a, "i32") for a in fn.arg_names}
+    sig = {a: "constexpr" if a in const else ({**TYPES, "s_ptr": s_type}).get(a, "i32") for a in fn.arg_names}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in DIVISIBLE if a in fn.arg_names}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                           target=GPUTarget("cuda", 90, 64),
@@ -99,7 +96,6 @@ def main():
     ap.add_argument("--split", type=int, default=1)
     ap.add_argument("--whole", type=int, choices=(0, 1), default=0, help="KernelConfig.whole_k (GEMM1)")
     ap.add_argument("--words", type=int, choices=(0, 1, 2), default=2)
-    ap.add_argument("--tma", type=int, choices=(0, 1), default=0, help="KernelConfig.tma2 (GEMM2)")
     ap.add_argument("--swap", type=int, choices=(0, 1), default=0, help="the weight as the MMA's first operand")
     ap.add_argument("--triton", default="/tmp/t36")
     ap.add_argument("--sass", help="write the whole SASS here")
@@ -125,7 +121,7 @@ def main():
     mma = sum(v for k, v in ops.items() if "MMA" in k)
     regs = re.findall(r"REG:(\d+)", res)
     print(f"{args.kernel} {args.fmt} {args.block_m}x{args.block_n} k_unroll {args.k_unroll} words {args.words} "
-          f"warps {args.warps} stages {args.stages} swap {args.swap} whole {args.whole} tma {args.tma}: registers "
+          f"warps {args.warps} stages {args.stages} swap {args.swap} whole {args.whole}: registers "
           f"{regs[0] if regs else '?'}, shared "
           f"{ck.metadata.shared} B; loop {len(loop)} instructions, {mma} MMA, {sum(mio.values())} shared-memory")
     print("  shared-memory:", " ".join(f"{k} {v}" for k, v in sorted(mio.items(), key=lambda kv: -kv[1])))

@@ -669,25 +669,6 @@ def test_y_bf16_rounds_each_slot_row_once(fmt):
         KernelConfig(16, 64, 64, split_k=2, y_bf16=True)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("cfg", [KernelConfig(32, 32, 32, True, k_unroll=2, tail_m=16),
-                                 KernelConfig(16, 32, 64, False, k_unroll=4),
-                                 KernelConfig(8, 32, 32, True, k_unroll=2, direct=True)])
-def test_tma2_gives_the_same_bits(fmt, cfg):
-    """KernelConfig.tma2 (GEMM2's intermediate rows through a TMA descriptor) changes how the
-    rows reach the MMA, not the MMA steps: the same bits as cp.async, with tail blocks, with the
-    weight second and with the grouping inside the GEMMs (padding rows are read, not masked: a
-    token's column of the MMA never sees another's row)."""
-    spec, w = make(6, 3, 160, 96, fmt, seed=41)
-    b = get_backend("triton")
-    prep = b.prepare(spec, w)
-    x, ids, tw = inputs(spec, 9 if not cfg.direct else 3, seed=6, drop=0.1)
-    outs = [b.forward(prep, x, ids, tw, torch.full_like(x, float("nan")), config=c)
-            for c in (cfg, dataclasses.replace(cfg, tma2=True))]
-    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
-    assert rel_err(outs[1], reference_moe(spec, w, x, ids, tw)) < TOL
-
-
 def test_direct_grouping_poisons_bad_ids_too():
     spec, w = make(4, 2, 64, 64, "int4", seed=5)
     x, ids, tw = inputs(spec, 3, seed=1, drop=0.0)

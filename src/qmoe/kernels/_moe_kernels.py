@@ -418,27 +418,16 @@ def _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, WP, PB: tl.con
 
 @triton.jit
 def _gemm2_pair(acc, a_rows, valid, w_rows, WP, PB: tl.constexpr, sc, c, BN: tl.constexpr, FMT: tl.constexpr,
-                G: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr, SWAP: tl.constexpr,
-                a_desc, row0, TMA: tl.constexpr):
+                G: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr, SWAP: tl.constexpr):
     """acc += intermediate rows (chunks c, c + 1) @ w2 rows (chunks c, c + 1)^T; sc: the raw scales
-    of the pair's four halves; padding rows are not read. TMA: the block's rows (row0 on) come by
-    the tensor-memory accelerator through a_desc (boxes of [BM, G], or [BM, 4G] with one MMA per
-    quad), padding rows included (GEMM1 writes every row of a block)."""
+    of the pair's four halves; padding rows are not read."""
     w = _load_pair(w_rows, WP, PB, sc, c, BN, FMT, G, CDT, ASM, FOLD)
     if SWAP and G == 16:   # one MMA per quad (`_join_quad`)
-        if TMA:
-            a = a_desc.load([row0, c * 2 * G]).to(CDT)
-        else:
-            a = _quad_rows(a_rows, valid[:, None], c, G, CDT, None)
-        acc = _mma(acc, a, _join_quad(w), SWAP)
-    else:   # (an else, not an early return: Triton compiles the code after a return in a constexpr branch)
-        for i in tl.static_range(4):
-            if TMA:
-                a = a_desc.load([row0, c * 2 * G + i * G]).to(CDT)
-            else:
-                k = c * 2 * G + i * G + tl.arange(0, G)
-                a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0).to(CDT)
-            acc = _mma(acc, a, w[i], SWAP)
+        return _mma(acc, _quad_rows(a_rows, valid[:, None], c, G, CDT, None), _join_quad(w), SWAP)
+    for i in tl.static_range(4):
+        k = c * 2 * G + i * G + tl.arange(0, G)
+        a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0).to(CDT)
+        acc = _mma(acc, a, w[i], SWAP)
     return acc
 
 
@@ -553,7 +542,7 @@ def moe_gemm1_kernel(
 
 @triton.jit
 def moe_gemm2_kernel(
-    inter_ptr, a_desc,                # [NB * BM, Ip] bf16; TMA: a descriptor of it (boxes [BM, G] or [BM, 4G])
+    inter_ptr,                        # [NB * BM, Ip] bf16
     w_ptr, s_ptr, gs_ptr, b_ptr,      # w2 [E, Hp, Ip/(2PB), PB] u8; scales [E, Hp, Ip/G]; gs [E] f32; b2 [E, Hp] f32
     y_ptr,                            # [SPLIT, M * top_k, H] per-slot outputs (fp32; bf16: KernelConfig.y_bf16)
     sorted_ptr, block_expert_ptr, topk_w_ptr,   # topk_weights flat [M * top_k] f32
@@ -562,7 +551,7 @@ def moe_gemm2_kernel(
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
     U: tl.constexpr, FOLD: tl.constexpr, SPLIT: tl.constexpr, DIRECT: tl.constexpr, MKP: tl.constexpr,
-    PDL: tl.constexpr, WORDS: tl.constexpr, PB: tl.constexpr, TMA: tl.constexpr,
+    PDL: tl.constexpr, WORDS: tl.constexpr, PB: tl.constexpr,
 ):
     """GEMM2: one block of BM intermediate rows (one expert) times BN rows of w2, plus b2,
     times each slot's routing weight, stored to that slot's row of y (combined later in a
@@ -598,10 +587,10 @@ def moe_gemm2_kernel(
         sc = _group_scales(s_rows, c0, U, FMT, WORDS)
         for u in tl.static_range(0, U, 2):
             acc = _gemm2_pair(acc, a_rows, valid, w_rows, WP, PB, sc[2 * u:2 * u + 4], c0 + u, BN, FMT, G, CDT, ASM,
-                              FOLD, SWAP, a_desc, blk * BM, TMA)
+                              FOLD, SWAP)
     for c in tl.range(c_main, c_hi, 2, num_stages=1):
         acc = _gemm2_pair(acc, a_rows, valid, w_rows, WP, PB, _group_scales(s_rows, c, 2, FMT, WORDS), c, BN, FMT,
-                          G, CDT, ASM, FOLD, SWAP, a_desc, blk * BM, TMA)
+                          G, CDT, ASM, FOLD, SWAP)
     if SWAP:
         acc = tl.trans(acc)
     if FMT == 1:

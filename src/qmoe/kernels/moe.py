@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _moe_kernels as K
 from . import interpreted
@@ -79,9 +78,7 @@ class KernelConfig:
     halves the bytes GEMM2 writes and the combine reads (M * k * H * 2 each: 0.5 GB at
     qwen3-30b-a3b M = 8192), at the price of one bf16 rounding of each slot's row before the
     combine's fp32 sum (as the peers' per-slot outputs); not with split_k (each partial sum would
-    be rounded);
-    tma2: GEMM2 reads its block's intermediate rows (contiguous: the grouping's order) through a
-    tensor-memory-accelerator descriptor instead of one cp.async per 16 bytes and thread.
+    be rounded).
     """
 
     block_m: int = 16
@@ -99,7 +96,6 @@ class KernelConfig:
     tail_m: int = 0
     whole_k: bool = False
     y_bf16: bool = False
-    tma2: bool = False
 
     def __post_init__(self):
         for f in ("block_m", "block_n1", "block_n2"):
@@ -466,19 +462,14 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
             BM=bm, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold13,
             DIRECT=direct, MKP=mkp, PDL=pdl, SPLIT=S1, WORDS=words, PB=weights.w13.shape[3], WHOLE=cfg.whole_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
-        if cfg.tma2:   # boxes of one MMA step's K (G), or a quad's (4G) where one MMA takes a quad
-            box = 4 * G if cfg.swap and G == 16 else G
-            a_desc = TensorDescriptor(inter, [inter.shape[0], Ip], [Ip, 1], [bm, box])
-        else:
-            a_desc = inter
         k2 = K.moe_gemm2_kernel[(NB * n2 * S,)](
-            inter, a_desc, weights.w2, weights.s2,
+            inter, weights.w2, weights.s2,
             weights.gs2 if weights.gs2 is not None else dummy, weights.b2 if has_bias2 else dummy,
             y, sorted_slots, block_expert, topk_weights, ids, MK, E,
             H, Hp, Ip, n2, *weights.w2.stride()[:3], weights.s2.stride(1), MK * H,
             FMT=fmt, G=G, HAS_BIAS=has_bias2,
             BM=bm, BN=cfg.block_n2, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold2,
-            SPLIT=S, DIRECT=direct, MKP=mkp, PDL=pdl, WORDS=words, PB=weights.w2.shape[3], TMA=cfg.tma2,
+            SPLIT=S, DIRECT=direct, MKP=mkp, PDL=pdl, WORDS=words, PB=weights.w2.shape[3],
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
         tag = "" if bm == BM else "_tail"
         launched += [("gemm1" + tag, k1, NB * n1 * S1), ("gemm2" + tag, k2, NB * n2 * S)]
