@@ -16,8 +16,10 @@ whichever bucket's configuration runs (the grouping only decides which program c
 never the row's arithmetic; measured at 4096-token prefixes for mxfp4, int4 and nvfp4 with the
 shipped entries of gpt-oss-120b, kimi-k2.5 and qwen3-30b-a3b on an H200, and checked by the
 tuner: an invariant winner must give the family's default configuration's bits). Since session
-10 the family holds the fastest prefill configurations (the shipped table's prefill entries are
-the same in both modes: 1.00x the default's time at M = 1024 and up); at decode it keeps the
+10 the family holds the fastest prefill tiles (the shipped table's prefill entries have the same
+tiles in both modes); since session 16 the default mode stores the slots' rows in bf16 there
+(KernelConfig.y_bf16, outside the family), so the mode takes 1.00-1.08x the default's time at
+M = 1024 to 8192 (1.05-1.08x for qwen3-30b-a3b, whose GEMM2 is shortest); at decode it keeps the
 8-row mma.sync tiles out, which the default table runs from M = 1 to 64: the mode took 1.22 /
 0.99 / 1.14 / 1.18x the default's time at M = 1 / 4 / 16 / 64 for gpt-oss-120b, 1.22 / 1.18 /
 1.25 / 1.29x for kimi-k2.5, 1.14 / 1.04 / 1.09 / 1.07x for qwen3-30b-a3b (qmoe bench on an H200,
