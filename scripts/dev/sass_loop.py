@@ -11,7 +11,7 @@ divisible by 16; without them the same source compiles to one-byte loads). The m
 loop with the most MMAs (then cp.async, then length). Options: --block-m, --block-n, --k-unroll, --warps,
 --stages, --split, --whole (whole_k), --words (the scales' loads: 2 = 32- and 64-bit, 1 = 32-bit but int4's
 64-bit pairs, 0 = one per scale), --swap (1: the weight first), --triton (where Triton 3.6
-lies), --sass FILE (keep the whole SASS), --ttgir FILE (keep the TTGIR, for the layouts).
+lies), --sass FILE (keep the whole SASS), --ttgir FILE (keep the TTGIR, for the layouts), --ptx FILE.
 """
 
 import argparse
@@ -100,6 +100,7 @@ def main():
     ap.add_argument("--triton", default="/tmp/t36")
     ap.add_argument("--sass", help="write the whole SASS here")
     ap.add_argument("--ttgir", help="write the TTGIR here")
+    ap.add_argument("--ptx", help="write the PTX here")
     args = ap.parse_args()
     if not os.path.isdir(os.path.join(args.triton, "triton")):
         raise SystemExit(f"no Triton under {args.triton}: pip install --target {args.triton} --no-deps triton==3.6.0")
@@ -111,7 +112,7 @@ def main():
             f.write(ck.asm["cubin"])
         sass = subprocess.run([cuobjdump, "-sass", cubin], check=True, capture_output=True, text=True).stdout
         res = subprocess.run([cuobjdump, "-res-usage", cubin], check=True, capture_output=True, text=True).stdout
-    for path, text in ((args.sass, sass), (args.ttgir, ck.asm["ttgir"])):
+    for path, text in ((args.sass, sass), (args.ttgir, ck.asm["ttgir"]), (args.ptx, ck.asm["ptx"])):
         if path:
             with open(path, "w") as f:
                 f.write(text)

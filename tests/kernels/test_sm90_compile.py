@@ -38,3 +38,45 @@ def test_mma_operands_keep_the_native_layout(tmp_path, kernel, fmt):
     # x read by 8-byte loads takes at least mma / 2 of them per loop iteration (every warp reads
     # the whole tile); the scales' 64-bit words take mma / 8 at most (int4, nvfp4: exactly that)
     assert "LDSM" in mio and (lds64 is None or int(lds64.group(1)) <= mma // 8), mio
+
+
+def register_operand_pattern(ptx: str) -> bool:
+    """Whether every wgmma whose first operand is in registers takes them from copies made before
+    its `wgmma.fence` (since the wait before it), and no wait leaves more than one wgmma group in
+    flight: the pattern of the fix of triton-lang/triton#9433."""
+    lines = ptx.splitlines()
+    waits = [int(m.group(1)) for m in (re.search(r"wgmma\.wait_group\.sync\.aligned (\d+)", ln) for ln in lines) if m]
+    copied = []
+    for i, ln in enumerate(lines):
+        m = re.search(r"wgmma\.mma_async\S* \{[^}]*\}, \{(%r\d+)[^}]*\}", ln)
+        if m:
+            fence = max(j for j in range(i) if "wgmma.fence" in lines[j])
+            since = max([j for j in range(fence) if "wgmma.wait_group" in lines[j]], default=0)
+            copied.append(any(re.search(rf"mov\.b32\s+{m.group(1)},", lines[j]) for j in range(since, fence)))
+    return bool(copied) and all(copied) and max(waits) <= 1
+
+
+@pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton has no NVIDIA backend with ptxas")
+def test_register_wgmma_hazard_names_this_triton_rightly(tmp_path):
+    """kernels.register_wgmma_hazard says whether this Triton carries the fix of its race on wgmma
+    register operands by version; the weight-first GEMM2's PTX (nvfp4, 128 x 64 tiles, 3 stages:
+    qwen3-30b-a3b's prefill entry, where Triton 3.6's race showed) says it by the code."""
+    from qmoe.kernels import register_wgmma_hazard
+
+    ptx = tmp_path / "k.ptx"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "dev", "sass_loop.py"), "--triton", SITE,
+                          "--kernel", "gemm2", "--fmt", "nvfp4", "--block-m", "128", "--block-n", "64", "--k-unroll",
+                          "2", "--stages", "3", "--swap", "1", "--ptx", str(ptx)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert register_operand_pattern(ptx.read_text()) == (register_wgmma_hazard(triton.__version__) is None)
+
+
+def test_register_wgmma_hazard_by_version():
+    from qmoe.kernels import register_wgmma_hazard
+
+    assert "triton-lang/triton#9433" in register_wgmma_hazard("3.6.0")
+    assert register_wgmma_hazard("3.8.1") is not None
+    assert register_wgmma_hazard("3.9.0") is None and register_wgmma_hazard("4.0.0") is None
+    assert register_wgmma_hazard("nightly") is None

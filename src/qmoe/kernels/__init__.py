@@ -1,7 +1,8 @@
 """qmoe's Triton kernels: bodies and host entries only (no policy, no I/O, no other qmoe
 imports). Importing this package does not import Triton; its modules do.
 
-    interpreted()   whether Triton runs kernels on the CPU through its interpreter
+    interpreted()               whether Triton runs kernels on the CPU through its interpreter
+    register_wgmma_hazard(v)    why Triton version v may race on wgmma register operands, or None
 """
 
 from __future__ import annotations
@@ -22,4 +23,29 @@ def interpreted() -> bool:
         return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE
 
 
-__all__ = ["interpreted"]
+REGISTER_WGMMA_FIXED = (3, 9)
+"""The first Triton release known to carry the fix of triton-lang/triton#9433 (a wgmma whose first
+operand is in registers may still be reading them when the next loop iteration overwrites them:
+Triton waited for all but the last n - 1 of n pipelined wgmmas). Checked on the PTX of qmoe's
+weight-first GEMM2 (nvfp4, 128 x 64, 3 stages) compiled for sm_90: Triton 3.6 waits for all but 3
+of its 4 wgmmas and copies no register operand; 3.9 copies each before `wgmma.fence` and waits for
+all but 1. 3.7 and 3.8 were not checked (docs/performance.md, session 16)."""
+
+
+def register_wgmma_hazard(version: str) -> str | None:
+    """Why Triton `version` (e.g. "3.6.0") may race on wgmma register operands on Hopper, or None
+    where it is known to carry the fix (REGISTER_WGMMA_FIXED) or the version does not parse."""
+    try:
+        major, minor = (int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return None
+    if (major, minor) >= REGISTER_WGMMA_FIXED:
+        return None
+    fixed = ".".join(map(str, REGISTER_WGMMA_FIXED))
+    return (f"Triton {version} may predate the fix of a race on wgmma register operands "
+            f"(triton-lang/triton#9433; {fixed} has it): the weight-first wgmma configurations (prefill, "
+            f"batch-invariant mode) use them; every bitwise check of the shipped ones has passed on an H200, "
+            f"but one kernel variant showed the race (docs/performance.md, session 16)")
+
+
+__all__ = ["REGISTER_WGMMA_FIXED", "interpreted", "register_wgmma_hazard"]

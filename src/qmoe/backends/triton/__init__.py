@@ -60,7 +60,7 @@ class TritonBackend(Backend):
 
     def _supports(self, spec, fmt, device) -> Support:
         try:
-            import triton  # noqa: F401
+            import triton
         except Exception as e:  # an import error is a reason, never a crash
             return Support(False, f"triton is not importable: {e}")
         if device.type == "cuda":
@@ -70,6 +70,12 @@ class TritonBackend(Backend):
             if cap < (8, 0):
                 return Support(False, f"needs a GPU of compute capability 8.0 or newer (bf16 MMA); "
                                       f"this one is {cap[0]}.{cap[1]}")
+            if cap == (9, 0):   # wgmma, Hopper's only: a known Triton race on its register operands
+                from ...kernels import register_wgmma_hazard
+
+                hazard = register_wgmma_hazard(triton.__version__)
+                if hazard:
+                    return Support(True, f"Triton kernels on SM90; caveat: {hazard}")
             return Support(True, f"Triton kernels on SM{cap[0]}{cap[1]}")
         if device.type == "cpu":
             from ...kernels import interpreted
