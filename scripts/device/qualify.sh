@@ -19,7 +19,8 @@
 # .fi_build/ are carried (scripts/device/flashinfer_build.py). Results go to $OUT (at most 8 files
 # come back: one log per step, and the JSON results); the tables `tune` writes live in
 # $XDG_CACHE_HOME (default /tmp/qmoe_cache) for the later steps of the machine's life and are
-# copied to $OUT at the end.
+# copied to $OUT at the end. With .triton/ carried (scripts/dev/pack_triton.sh), every step runs on
+# that Triton instead of the machine's.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -32,6 +33,7 @@ if [ -d .peers/wheels ] && [ ! -d $SITE/humming ]; then
   chmod +x $SITE/humming/_native/*/* 2>/dev/null
 fi
 export PYTHONPATH=src:.peers:$SITE
+source scripts/device/triton_pack.sh   # another Triton where .triton/ was carried
 BACKENDS=${BACKENDS:-"triton,triton_kernels,marlin,humming"}
 if [ -d .whl ] && [ -f .fi_build/fi_sm90_build.json ]; then
   if [ ! -d /tmp/qmoe_fi_check/site/flashinfer ]; then
