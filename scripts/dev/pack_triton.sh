@@ -4,15 +4,15 @@
 # session 16: Triton 3.9 carries the fix of triton-lang/triton#9433, a race on wgmma register
 # operands, which 3.6 lacks). The wheel is 286 MB; the pack keeps what compiling and launching for
 # NVIDIA GPUs needs: libtriton.so stripped to its dynamic symbols, cuobjdump, libdevice and the
-# Python package (about 42 MB). It drops the AMD backend, CUPTI, proton, the test and plugin
+# Python package (38 MiB for 3.9.0). It drops the AMD backend, CUPTI, proton, the test and plugin
 # libraries and the bundled ptxas: the GPU machine's CUDA toolkit has one (qualify.sh points
 # TRITON_PTXAS_BLACKWELL_PATH, the ptxas Triton 3.9 uses for every architecture, and TRITON_PTXAS_PATH
 # at it, and sets TRITON_BACKENDS_IN_TREE=1: the machine's own Triton registers an AMD backend that
 # the pack does not have). Checked here: the pack imports and compiles for sm_90 under Python 3.12
 # with another ptxas (CUDA 12.8's).
 #   bash scripts/dev/pack_triton.sh            # -> .triton/triton.tar.xz (git-ignored)
-#   then carry ".triton" (without ".peers": both do not fit in 64 MiB); scripts/device/qualify.sh
-#   unpacks it to /tmp/triton_pack and puts it first on PYTHONPATH.
+#   then carry ".triton" (without ".peers": both do not fit in 64 MiB); scripts/device/triton_pack.sh
+#   (sourced by qualify.sh) unpacks it to /tmp/triton_pack and puts it first on PYTHONPATH.
 # TRITON (default 3.9.0): the version; PYVER (default 3.12): the GPU machine's Python.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

@@ -50,10 +50,10 @@ def register_operand_pattern(ptx: str) -> bool:
     for i, ln in enumerate(lines):
         m = re.search(r"wgmma\.mma_async\S* \{[^}]*\}, \{(%r\d+)[^}]*\}", ln)
         if m:
-            fence = max(j for j in range(i) if "wgmma.fence" in lines[j])
-            since = max([j for j in range(fence) if "wgmma.wait_group" in lines[j]], default=0)
+            fence = max((j for j in range(i) if "wgmma.fence" in lines[j]), default=0)
+            since = max((j for j in range(fence) if "wgmma.wait_group" in lines[j]), default=0)
             copied.append(any(re.search(rf"mov\.b32\s+{m.group(1)},", lines[j]) for j in range(since, fence)))
-    return bool(copied) and all(copied) and max(waits) <= 1
+    return bool(copied) and all(copied) and max(waits, default=0) <= 1
 
 
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton has no NVIDIA backend with ptxas")
