@@ -223,7 +223,8 @@ def with_whole_k(cfg, fmt: str, hidden: int, hidden_padded: int):
     return cfg if whole.whole_k_problem(fmt, hidden_padded) else whole
 
 
-def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_invariant: bool = False):
+def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_invariant: bool = False,
+               padded=None):
     """Launch configurations worth timing at m tokens (a handful per regime, so that tuning three
     presets fits in minutes): decode tiles of 16 rows with the grouping inside the GEMMs and
     programmatic dependent launch, and without (the default), with GEMM2 tiles of 64 or 128
@@ -237,7 +238,9 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     iteration, and tail blocks (`KernelConfig.tail_m`).
     All load the scales as 32- or 64-bit words (`default_config`). From 2 tokens per expert, each
     without split-K also stores the slots' rows of y in bf16 (`KernelConfig.y_bf16`), outside the
-    batch-invariant family (`invariant`), whose candidates keep fp32."""
+    batch-invariant family (`invariant`), whose candidates keep fp32; from 16 tokens per expert
+    also 256-column tiles (8 warps), with bf16 rows only. padded: (Hp, Ip), the padded hidden and
+    intermediate sizes (`padded_sizes`): candidates whose tiles do not divide them are left out."""
     from ...kernels.moe import KernelConfig as C
 
     per_expert = m * top_k / num_experts
@@ -267,6 +270,10 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
         if per_expert <= 0.5:  # few active experts: split-K, 2 or 4 K parts per tile, in GEMM2 and GEMM1
             out += [C(16, 64, 64, False, 4, 3, u, split_k=s2, split_k1=s1, **fast)
                     for s1, s2, u in ((1, 2, 4), (2, 4, 2), (2, 2, 4), (4, 4, 2))]
+            # the same for 8-row blocks with the weight first (the M = 1 entries' tile): GEMM1 in two K
+            # parts, twice the programs of half the loop (gpt-oss-120b M = 1: 184 programs of 4 warps on
+            # 132 SMs leave some schedulers two warps, session 15); not yet measured
+            out += [C(8, 64, 64, True, 4, 3, u, split_k=2, split_k1=2, **fast) for u in (2, 4)]
         if per_expert <= 4:  # tiles of half the K: a wave's worth more programs where the last wave is short
             out += [C(16, 64, 128, False, 4, 3, 4, split_k=s2, split_k1=s1, **lat) for s1, s2 in ((2, 1), (2, 2))]
     if 2 <= per_expert <= 64:
@@ -290,6 +297,17 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     if per_expert >= 2:   # each also with the slots' rows of y in bf16 (KernelConfig.y_bf16; session 16, an
         # H200: 0.93-0.99x the time at M = 64..8192 for the three presets, 1.00x for gpt-oss-120b at 8192)
         out += [replace(c, y_bf16=True) for c in out if c.split_k == 1]
+    if per_expert >= 16 and not batch_invariant:
+        # 256-column tiles: half the gathered activation rows that 128-column ones read from the L2
+        # per weight byte (kimi-k2.5 M = 4096: 11 GB of them at 128 columns in GEMM1); the register
+        # counts fit without spills (CPU SASS: GEMM1 64 x 256 and GEMM2 128 x 256, int4 and nvfp4,
+        # at most 255); not yet measured
+        out += [C(128, 128, 256, True, 8, 3, 2, y_bf16=True), C(128, 128, 256, True, 8, 3, 2, tail_m=64, y_bf16=True),
+                C(64, 256, 256, True, 8, 3, 2, tail_m=32, y_bf16=True),
+                C(128, 64, 256, True, 8, 3, 2, tail_m=32, y_bf16=True)]
+        out = [replace(c, scale_words=True) for c in out]
+    if padded is not None:
+        out = [c for c in out if c.problem_with(fmt, *padded) is None]
     return out
 
 

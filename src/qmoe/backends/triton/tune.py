@@ -53,8 +53,8 @@ def tune(backend, spec, fmt: str, ms, device, progress=None, weights=None, reps:
     prep = backend.prepare(spec, weights)
     kw = prep.meta["kernel_weights"]
     plan = [(m, [_configs.with_whole_k(c, fmt, spec.hidden_size, kw.Hp)
-                 for c in _configs.candidates(m, spec.top_k, spec.num_experts, fmt)
-                 if c.problem_with(fmt, kw.Hp, kw.Ip) is None]) for m in sorted(set(ms))]
+                 for c in _configs.candidates(m, spec.top_k, spec.num_experts, fmt, padded=(kw.Hp, kw.Ip))])
+            for m in sorted(set(ms))]
     total, done = sum(len(c) for _, c in plan), 0
     result = {"gpu": prep.meta["gpu"], "problem": _configs.problem(prep.meta["gpu"], fmt, spec), "buckets": {}}
     if progress is not None and hasattr(progress, "add_task"):
