@@ -51,7 +51,7 @@ def compile_kernel(args):
                  SPLIT=args.split, WORDS=args.words, PB=64)
     if args.kernel == "gemm1":
         fn = K.moe_gemm1_kernel
-        const.update(HAS_LIMIT=True, WHOLE=bool(args.whole))
+        const.update(HAS_LIMIT=True, WHOLE=bool(args.whole), STREAM=bool(args.stream))
     else:
         fn = K.moe_gemm2_kernel
     sig = {a: "constexpr" if a in const else ({**TYPES, "s_ptr": s_type}).get(a, "i32") for a in fn.arg_names}
@@ -95,6 +95,7 @@ def main():
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--split", type=int, default=1)
     ap.add_argument("--whole", type=int, choices=(0, 1), default=0, help="KernelConfig.whole_k (GEMM1)")
+    ap.add_argument("--stream", type=int, choices=(0, 1), default=0, help="KernelConfig.stream_k1 > 0 (GEMM1)")
     ap.add_argument("--words", type=int, choices=(0, 1, 2), default=2)
     ap.add_argument("--swap", type=int, choices=(0, 1), default=0, help="the weight as the MMA's first operand")
     ap.add_argument("--triton", default="/tmp/t36")

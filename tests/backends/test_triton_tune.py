@@ -21,7 +21,7 @@ def test_tune_kernels_writes_the_table_and_prepare_uses_it(tmp_path, monkeypatch
     # batch-invariant (the weight first, wgmma); H = 64 leaves GEMM1 a remainder: the tuner times it with whole_k
     only = configs.with_whole_k(KernelConfig(16, 64, 64, True, 4, 2, 2), "mxfp4", 64, 128)
     assert only.whole_k
-    monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4": [configs.default_config(m, k, e, fmt), only])
+    monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4", padded=None: [configs.default_config(m, k, e, fmt), only])
     parser = argparse.ArgumentParser()
     tune.add_arguments(parser)
     args = parser.parse_args(["--experts", "4", "--hidden", "64", "--intermediate", "64", "--top-k", "2",
@@ -69,7 +69,7 @@ def test_the_interleaved_final_round_picks_the_winners(monkeypatch):
     a, b_, c, d, base = (configs.with_whole_k(x, "mxfp4", 64, 128) for x in (a, b_, c, d, base))
     first = {a: 10.0, b_: 11.0, c: 12.0, d: 13.0, base: 20.0}
     final = {a: 9.0, c: 7.0, d: 8.5, base: 15.0}
-    monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4": [base, a, b_, c, d])
+    monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4", padded=None: [base, a, b_, c, d])
     spec, backend = qmoe.MoESpec(4, 2, 64, 64), get_backend("triton")
     seen = []
 
@@ -110,7 +110,7 @@ def test_an_invariant_candidate_with_other_bits_never_wins_the_invariant_entry(m
     good, odd, base = (configs.with_whole_k(x, "mxfp4", 64, 128) for x in plain)
     assert configs.invariant(good) and configs.invariant(odd)
     times = {good: 9.0, odd: 5.0, base: 20.0}
-    monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4": [base, good, odd])
+    monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4", padded=None: [base, good, odd])
     spec, backend = qmoe.MoESpec(4, 2, 64, 64), get_backend("triton")
     seen = []
     real_forward = backend.forward

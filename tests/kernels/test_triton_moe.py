@@ -109,6 +109,35 @@ def test_split_k_gemm1_is_deterministic_and_leaves_its_counters_at_zero(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("programs,cfg", [
+    (1, KernelConfig(16, 32, 32, False, k_unroll=2, split_k=2, direct=True, stream_k1=1)),
+    (40, KernelConfig(16, 32, 32, False, k_unroll=2, whole_k=True, stream_k1=1)),
+    (100, KernelConfig(8, 32, 32, True, k_unroll=4, direct=True, stream_k1=2))])
+def test_stream_k_gemm1_matches_is_deterministic_and_leaves_its_counters_at_zero(fmt, programs, cfg, monkeypatch):
+    """GEMM1 as stream-K on `programs` programs (the SM count stands in for the interpreter's 1):
+    one program runs every tile (each tile whole); 40 programs share the 9 grouped blocks' tiles
+    (dead blocks included) so that tiles have two contributors and programs two tiles, whole_k
+    (one unit per iteration, x masked); 100 programs are more than the units (8-row blocks,
+    k_unroll 4: no iteration inside H = 160, so a tile is one unit of remainder pairs, 32 units). Two calls
+    agree bitwise, match the reference, and every counter is back at 0."""
+    spec, w = make(8, 4, 160, 96, fmt, seed=7)
+    b = get_backend("triton")
+    prep = b.prepare(spec, w)
+    x, ids, tw = inputs(spec, 5, seed=11)
+    monkeypatch.setattr(km, "sm_count", lambda device: programs // cfg.stream_k1)
+    outs = []
+    for _ in range(2):
+        out = torch.full((5, 160), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        stats = {}
+        km.fused_moe(x, ids, tw, prep.meta["kernel_weights"], 1.702, 1.0, 7.0, cfg, out, stats=stats)
+        outs.append(out)
+    assert stats["gemm1"]["grid"] == programs
+    assert torch.equal(outs[0], outs[1])
+    assert rel_err(outs[0], reference_moe(spec, w, x, ids, tw)) < TOL
+    assert not km.split_counters(prep.meta["kernel_weights"], 1).any()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_scale_words_give_the_same_bits(fmt):
     """Scales loaded as 32- and 64-bit words (scale_words) are the same scales: the output is
     bitwise the one-byte loads', with 2 and 4 chunks per iteration (4: the 64-bit words of four
@@ -214,7 +243,8 @@ def test_the_invariant_family_is_wgmma_and_every_invariant_default_is_in_it():
                KernelConfig(16, 32, 64, True), KernelConfig(16, 64, 32, True),      # a 32-column tile: mma.sync
                KernelConfig(16, 64, 64, True, num_warps=2),                          # not a warpgroup
                KernelConfig(8, 64, 128, True), KernelConfig(8, 128, 128, True, num_warps=8),  # 8 rows: mma.sync
-               KernelConfig(16, 64, 64, True, split_k=2), KernelConfig(16, 64, 64, True, split_k1=2)]
+               KernelConfig(16, 64, 64, True, split_k=2), KernelConfig(16, 64, 64, True, split_k1=2),
+               KernelConfig(16, 64, 64, True, stream_k1=1)]                        # K cuts depend on the tiles
     assert all(configs.invariant(c) for c in inside)
     assert not any(configs.invariant(c) for c in outside)
     for m in (1, 16, 64, 256, 1024, 4096, 8192, 65536):
@@ -237,6 +267,12 @@ def test_eight_row_blocks_need_the_weight_first():
 def test_split_k_configs_refuse_bad_counts():
     with pytest.raises(ValueError, match="split_k1"):
         KernelConfig(16, 64, 64, False, split_k1=3)
+    with pytest.raises(ValueError, match="stream_k1: expected 0"):
+        KernelConfig(16, 64, 64, False, stream_k1=5)
+    with pytest.raises(ValueError, match="stream_k1: not with split_k1=2"):
+        KernelConfig(16, 64, 64, False, stream_k1=1, split_k1=2)
+    with pytest.raises(ValueError, match="stream_k1: not with split_k1=1 or tail_m=32"):
+        KernelConfig(128, 64, 64, True, stream_k1=1, tail_m=32)
     with pytest.raises(ValueError, match="k_unroll: expected 2, 4 or 8"):
         KernelConfig(16, 64, 64, False, k_unroll=1)
 
@@ -295,10 +331,14 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_split_k_and_scale_words_capture_and_replay_on_gpu(fmt):
-    """The M=1 winners' shape of configuration (GEMM1 in 2 parts, GEMM2 in 4, scale words) under
-    qmoe's capture recipe (warm-up on a side stream, capture on torch's capture stream): replays
-    give the eager call's bits, and the counters are back at 0 after each."""
+@pytest.mark.parametrize("cfg", [
+    KernelConfig(16, 64, 64, False, k_unroll=2, split_k=4, split_k1=2, direct=True, pdl=True, scale_words=True),
+    KernelConfig(8, 64, 64, True, k_unroll=4, split_k=2, stream_k1=2, direct=True, pdl=True, scale_words=True)])
+def test_split_k_and_scale_words_capture_and_replay_on_gpu(fmt, cfg):
+    """The M=1 winners' shapes of configuration (GEMM1 in 2 parts or as stream-K on 2 programs per
+    SM, GEMM2 in parts, scale words) under qmoe's capture recipe (warm-up on a side stream, capture
+    on torch's capture stream): replays give the eager call's bits, the counters are back at 0
+    after each, and the eager call agrees with the default configuration's (rel. 1e-2)."""
     from qmoe.kernels import moe as kmoe
     from qmoe.timing import capture_graph
 
@@ -306,12 +346,14 @@ def test_split_k_and_scale_words_capture_and_replay_on_gpu(fmt):
     w = random_weights(spec, fmt, "cuda", seed=2)
     b = get_backend("triton")
     prep = b.prepare(spec, w)
-    cfg = KernelConfig(16, 64, 64, False, k_unroll=2, split_k=4, split_k1=2, direct=True, pdl=True, scale_words=True)
     g = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(1, spec.hidden_size, device="cuda", generator=g).to(torch.bfloat16)
     ids, tw = qmoe.route(spec, torch.randn(1, spec.num_experts, device="cuda", generator=g))
     eager = torch.empty(1, spec.hidden_size, dtype=torch.bfloat16, device="cuda")
     b.forward(prep, x, ids, tw, eager, config=cfg)
+    base = torch.empty_like(eager)
+    b.forward(prep, x, ids, tw, base, config=KernelConfig(16, 64, 64, False, scale_words=True))
+    assert ((eager.float() - base.float()).norm() / base.float().norm()).item() < TOL
     out = torch.full_like(eager, float("nan"))
     graph = capture_graph(lambda: b.forward(prep, x, ids, tw, out, config=cfg))
     for _ in range(3):

@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 from ..formats import QuantizedTensor
+from ..kernels import sm_count
 from ..kernels.peers import align, weighted_sum
 from ..spec import MoESpec, SwiGLU
 from ..weights import ExpertWeights, deinterleave_gate_up, interleave_gate_up
@@ -198,14 +199,6 @@ def device_capability(device) -> tuple[int, int] | None:
     """(major, minor) of a CUDA device, None without one. Tests replace this function to run
     the backend's logic on CPU tensors against a fake humming; nothing else should."""
     return cuda_capability(device)
-
-
-def sm_count(device) -> int:
-    """Multiprocessors of a CUDA device (1 elsewhere): vLLM sizes humming's locks as 8 per SM."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _on(device):

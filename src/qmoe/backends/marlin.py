@@ -60,6 +60,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import block_size
+from ..kernels import sm_count
 from ..spec import MoESpec
 from ..weights import ExpertWeights
 from . import _vllm_ops
@@ -159,7 +160,7 @@ class MarlinBackend(Backend):
         t["expert_map"] = torch.cat((torch.full((1,), -1, dtype=torch.int32, device=dev),
                                      torch.arange(E, dtype=torch.int32, device=dev),
                                      torch.full((1,), -1, dtype=torch.int32, device=dev)))
-        t["workspace"] = torch.zeros(_sm_count(dev) * MAX_BLOCKS_PER_SM, dtype=torch.int32, device=dev)
+        t["workspace"] = torch.zeros(sm_count(dev) * MAX_BLOCKS_PER_SM, dtype=torch.int32, device=dev)
         from ..kernels.activation import swiglu_rows
 
         meta.update({
@@ -416,12 +417,6 @@ def nvfp4_unmarlin_global(global_scale: torch.Tensor, exponent: int) -> torch.Te
 
 def _device_capability(device):
     return cuda_capability(device)  # tests replace this to pretend a GPU
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # a CPU device only runs with a fake op library (tests)
 
 
 BACKEND = MarlinBackend()

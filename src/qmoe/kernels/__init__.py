@@ -3,6 +3,7 @@ imports). Importing this package does not import Triton; its modules do.
 
     interpreted()               whether Triton runs kernels on the CPU through its interpreter
     register_wgmma_hazard(v)    why Triton version v may race on wgmma register operands, or None
+    sm_count(device)            multiprocessors of a CUDA device (1 elsewhere)
 """
 
 from __future__ import annotations
@@ -48,4 +49,15 @@ def register_wgmma_hazard(version: str) -> str | None:
             f"but one kernel variant showed the race (docs/performance.md, session 16)")
 
 
-__all__ = ["REGISTER_WGMMA_FIXED", "interpreted", "register_wgmma_hazard"]
+def sm_count(device) -> int:
+    """Multiprocessors of a CUDA device, 1 for any other device (the interpreter, fake op libraries
+    in tests): what grids and workspaces sized per SM multiply."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+__all__ = ["REGISTER_WGMMA_FIXED", "interpreted", "register_wgmma_hazard", "sm_count"]

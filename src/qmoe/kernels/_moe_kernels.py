@@ -318,12 +318,10 @@ def _quad_rows(rows, mask, c, G: tl.constexpr, CDT: tl.constexpr, H):
 
 
 @triton.jit
-def _direct_block(ids_ptr, MK, E, blk, BM: tl.constexpr, MKP: tl.constexpr):
-    """The grouping done inside the GEMM, for few slots (M * k <= MKP): the slots' distinct
-    experts in order of their first slot, each cut into blocks of BM of its slots (in slot
-    order); block blk is the blk-th such block. Returns (its expert, or -1 when there are fewer
-    blocks, slot ids [BM] (-1 = padding), valid [BM]). Ids outside [0, E) are no expert (the
-    combine poisons their token's row). Costs O(MKP^2) integer work per program, no memory."""
+def _direct_counts(ids_ptr, MK, E, BM: tl.constexpr, MKP: tl.constexpr):
+    """The slots [MKP] (s), their expert ids (-1: none), ok, each slot's place among its expert's
+    slots (row), whether it is its expert's first (first) and, there, the expert's blocks of BM
+    (nblk; 0 elsewhere)."""
     s = tl.arange(0, MKP)
     ids = tl.load(ids_ptr + s, mask=s < MK, other=-1)
     ok = (ids >= 0) & (ids < E)
@@ -332,7 +330,24 @@ def _direct_block(ids_ptr, MK, E, blk, BM: tl.constexpr, MKP: tl.constexpr):
     count = tl.sum(same.to(tl.int32), axis=1)                              # slots of my expert
     row = tl.sum((same & (s[None, :] < s[:, None])).to(tl.int32), axis=1)  # my place among them
     first = ok & (row == 0)
-    nblk = tl.where(first, (count + BM - 1) // BM, 0)
+    return s, ids, ok, row, first, tl.where(first, (count + BM - 1) // BM, 0)
+
+
+@triton.jit
+def _direct_blocks(ids_ptr, MK, E, BM: tl.constexpr, MKP: tl.constexpr):
+    """How many blocks `_direct_block` finds: the slots' distinct experts, each in blocks of BM."""
+    _, _, _, _, _, nblk = _direct_counts(ids_ptr, MK, E, BM, MKP)
+    return tl.sum(nblk, axis=0)
+
+
+@triton.jit
+def _direct_block(ids_ptr, MK, E, blk, BM: tl.constexpr, MKP: tl.constexpr):
+    """The grouping done inside the GEMM, for few slots (M * k <= MKP): the slots' distinct
+    experts in order of their first slot, each cut into blocks of BM of its slots (in slot
+    order); block blk is the blk-th such block. Returns (its expert, or -1 when there are fewer
+    blocks, slot ids [BM] (-1 = padding), valid [BM]). Ids outside [0, E) are no expert (the
+    combine poisons their token's row). Costs O(MKP^2) integer work per program, no memory."""
+    s, ids, ok, row, first, nblk = _direct_counts(ids_ptr, MK, E, BM, MKP)
     end = tl.cumsum(nblk, axis=0)
     start = end - nblk
     hit = first & (start <= blk) & (blk < end)
@@ -432,6 +447,59 @@ def _gemm2_pair(acc, a_rows, valid, w_rows, WP, PB: tl.constexpr, sc, c, BN: tl.
 
 
 @triton.jit
+def _gemm1_k(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, WP, PB: tl.constexpr, sg_rows, su_rows, c_lo, c_main,
+             c_hi, BN: tl.constexpr, FMT: tl.constexpr, G: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
+             FOLD: tl.constexpr, SWAP: tl.constexpr, U: tl.constexpr, WORDS: tl.constexpr, WHOLE: tl.constexpr):
+    """GEMM1's K loop over chunks [c_lo, c_hi): U chunks per iteration up to c_main (in pairs,
+    unrolled: their loads are independent; no masks unless WHOLE), then the rest pair by pair, x
+    masked at H (past H's last whole iteration, K padding included)."""
+    for c0 in range(c_lo, c_main, U):
+        sg = _group_scales(sg_rows, c0, U, FMT, WORDS)
+        su = _group_scales(su_rows, c0, U, FMT, WORDS)
+        for u in tl.static_range(0, U, 2):
+            acc_g, acc_u = _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, WP, PB, sg[2 * u:2 * u + 4],
+                                       su[2 * u:2 * u + 4], c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP, WHOLE)
+    # not pipelined: pipelined, it raised the kernel's registers from 120 to 159 (mxfp4)
+    for c in tl.range(c_main, c_hi, 2, num_stages=1):
+        acc_g, acc_u = _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, WP, PB,
+                                   _group_scales(sg_rows, c, 2, FMT, WORDS), _group_scales(su_rows, c, 2, FMT, WORDS),
+                                   c, BN, FMT, G, CDT, ASM, FOLD, SWAP, True)
+    return acc_g, acc_u
+
+
+@triton.jit
+def _gemm1_rows(x_ptr, stride_xm, w_ptr, s_ptr, tok, e, rn, Ip, WE, WR, NSC):
+    """Row pointers of one tile: x's rows of the tokens [BM, 1], w13's gate and up rows [BN, 1] and
+    their scale rows [BN, 1] of expert e."""
+    e64 = e.to(tl.int64)
+    wg_rows = w_ptr + e64 * WE + rn[:, None] * WR
+    wu_rows = w_ptr + e64 * WE + (Ip + rn)[:, None] * WR
+    sg_rows = s_ptr + (e64 * 2 * Ip + rn)[:, None] * NSC
+    su_rows = s_ptr + (e64 * 2 * Ip + Ip + rn)[:, None] * NSC
+    return x_ptr + tok[:, None] * stride_xm, wg_rows, wu_rows, sg_rows, su_rows
+
+
+@triton.jit
+def _gemm1_act(acc_g, acc_u, e, rn, gs_ptr, b_ptr, Ip, alpha, beta, limit, FMT: tl.constexpr, ASM: tl.constexpr,
+               HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """GEMM1's epilogue on the whole K sums [BM, BN]: nvfp4's global scale, b13, SwiGLU."""
+    if FMT == 1:
+        gs = _nvfp4_global_scale(gs_ptr, e, ASM)
+        acc_g = acc_g * gs
+        acc_u = acc_u * gs
+    if HAS_BIAS:
+        acc_g += tl.load(b_ptr + e.to(tl.int64) * 2 * Ip + rn)[None, :]
+        acc_u += tl.load(b_ptr + e.to(tl.int64) * 2 * Ip + Ip + rn)[None, :]
+    return swiglu(acc_g, acc_u, alpha, beta, limit, HAS_LIMIT)  # NaN kept through the clamps
+
+
+@triton.jit
+def _stream_first(unit, TU, P):
+    """The program whose share [p * TU // P, (p + 1) * TU // P) of TU work units holds `unit`."""
+    return ((unit + 1).to(tl.int64) * P + TU - 1) // TU - 1
+
+
+@triton.jit
 def moe_gemm1_kernel(
     x_ptr, stride_xm,                 # [M, H] activations
     w_ptr, s_ptr, gs_ptr, b_ptr,      # w13 [E, 2Ip, Kp/(2PB), PB] u8; scales [E, 2Ip, Kp/G]; gs [E]; b13 [E, 2Ip] f32
@@ -444,7 +512,7 @@ def moe_gemm1_kernel(
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
     U: tl.constexpr, FOLD: tl.constexpr, DIRECT: tl.constexpr, MKP: tl.constexpr, PDL: tl.constexpr,
-    SPLIT: tl.constexpr, WORDS: tl.constexpr, PB: tl.constexpr, WHOLE: tl.constexpr,
+    SPLIT: tl.constexpr, WORDS: tl.constexpr, PB: tl.constexpr, WHOLE: tl.constexpr, STREAM: tl.constexpr,
 ):
     """GEMM1 + SwiGLU: for one block of BM sorted token slots of one expert and BN intermediate
     columns, gather the tokens' rows of x (no permuted copy), multiply by the gate and up rows
@@ -458,86 +526,163 @@ def moe_gemm1_kernel(
     the epilogue. The activation needs the whole sum, so no third launch is needed for it.
 
     WHOLE (SPLIT 1; Kp / 2G a multiple of U): the unrolled loop takes every chunk, x masked at H
-    (KernelConfig.whole_k)."""
+    (KernelConfig.whole_k).
+
+    STREAM (SPLIT 1; KernelConfig.stream_k1): the grid's P programs share the tiles' K loops
+    equally (`_gemm1_stream`)."""
     tl.static_assert(U % 2 == 0, "U (k_unroll) must be even: the kernels read K chunks in pairs")
-    pid = tl.program_id(0)
-    sk = pid % SPLIT
-    tile = pid // SPLIT
-    blk = tile // n_tiles
-    nt = tile % n_tiles
     _pdl_begin(PDL)
-    e, rm, slots, valid = _block(ids_ptr, MK, E, sorted_ptr, block_expert_ptr, blk, BM, DIRECT, MKP)
-    if e < 0:
-        return
-    e64 = e.to(tl.int64)
-    tok = tl.where(valid, slots // top_k, 0).to(tl.int64)
-    rn = nt * BN + tl.arange(0, BN)
-    wg_rows = w_ptr + e64 * WE + rn[:, None] * WR
-    wu_rows = w_ptr + e64 * WE + (Ip + rn)[:, None] * WR
-    sg_rows = s_ptr + (e64 * 2 * Ip + rn)[:, None] * NSC
-    su_rows = s_ptr + (e64 * 2 * Ip + Ip + rn)[:, None] * NSC
-    x_rows = x_ptr + tok[:, None] * stride_xm
-    if SWAP:
-        acc_g = tl.zeros((BN, BM), dtype=tl.float32)
-        acc_u = tl.zeros((BN, BM), dtype=tl.float32)
+    if STREAM:
+        _gemm1_stream(x_ptr, stride_xm, w_ptr, s_ptr, gs_ptr, b_ptr, inter_ptr, sorted_ptr, block_expert_ptr, ids_ptr,
+                      MK, E, part_ptr, lock_ptr, H, Ip, Kp, top_k, n_tiles, WE, WR, WP, NSC, alpha, beta, limit,
+                      FMT, G, HAS_BIAS, HAS_LIMIT, BM, BN, SWAP, CDT, ASM, U, FOLD, DIRECT, MKP, WORDS, PB, WHOLE)
     else:
-        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    if SPLIT == 1:
-        c_lo = 0
-        c_hi = Kp // (2 * G)
-        if WHOLE:
-            c_main = c_hi
+        pid = tl.program_id(0)
+        sk = pid % SPLIT
+        tile = pid // SPLIT
+        blk = tile // n_tiles
+        nt = tile % n_tiles
+        e, rm, slots, valid = _block(ids_ptr, MK, E, sorted_ptr, block_expert_ptr, blk, BM, DIRECT, MKP)
+        if e < 0:
+            return
+        tok = tl.where(valid, slots // top_k, 0).to(tl.int64)
+        rn = nt * BN + tl.arange(0, BN)
+        x_rows, wg_rows, wu_rows, sg_rows, su_rows = _gemm1_rows(x_ptr, stride_xm, w_ptr, s_ptr, tok, e, rn, Ip, WE, WR,
+                                                                 NSC)
+        if SWAP:
+            acc_g = tl.zeros((BN, BM), dtype=tl.float32)
+            acc_u = tl.zeros((BN, BM), dtype=tl.float32)
         else:
-            c_main = (H // (2 * G)) // U * U   # chunks entirely inside x's H columns, in groups of U
+            acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+            acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        if SPLIT == 1:
+            c_lo = 0
+            c_hi = Kp // (2 * G)
+            if WHOLE:
+                c_main = c_hi
+            else:
+                c_main = (H // (2 * G)) // U * U   # chunks entirely inside x's H columns, in groups of U
+        else:
+            c_lo, c_hi = _split_chunks(Kp // (2 * G), sk, SPLIT, U)
+            c_main = c_lo + (tl.maximum(tl.minimum(c_hi, H // (2 * G)) - c_lo, 0)) // U * U
+        acc_g, acc_u = _gemm1_k(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, WP, PB, sg_rows, su_rows, c_lo,
+                                c_main, c_hi, BN, FMT, G, CDT, ASM, FOLD, SWAP, U, WORDS, WHOLE)
+        if SWAP:
+            acc_g = tl.trans(acc_g)
+            acc_u = tl.trans(acc_u)
+        if SPLIT > 1:  # partial sums out; the tile's last program adds them in split order
+            prow = part_ptr + rm.to(tl.int64)[:, None] * (2 * Ip) + rn[None, :]
+            pstride = part_stride.to(tl.int64)   # (SPLIT - 1) x the stride can pass 2^31
+            tl.store(prow + sk * pstride, acc_g, mask=valid[:, None])
+            tl.store(prow + sk * pstride + Ip, acc_u, mask=valid[:, None])
+            tl.debug_barrier()             # every thread's partial stored before the count (acq_rel, gpu scope)
+            done = tl.atomic_add(lock_ptr + tile, 1)   # programs of this tile finished before this one
+            last = (tl.zeros_like(rm) + done) == SPLIT - 1   # [BM] (a tensor: the interpreter's scalars do not mask)
+            rd = valid[:, None] & last[:, None]
+            acc_g = tl.load(prow, mask=rd, other=0.0, cache_modifier=".cg")
+            acc_u = tl.load(prow + Ip, mask=rd, other=0.0, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLIT):
+                acc_g += tl.load(prow + s * pstride, mask=rd, other=0.0, cache_modifier=".cg")
+                acc_u += tl.load(prow + s * pstride + Ip, mask=rd, other=0.0, cache_modifier=".cg")
+            # the last one takes the count back to 0 (all SPLIT increments are in): ready for the next call
+            tl.atomic_add(lock_ptr + tile, tl.where(done == SPLIT - 1, -SPLIT, 0))
+        act = _gemm1_act(acc_g, acc_u, e, rn, gs_ptr, b_ptr, Ip, alpha, beta, limit, FMT, ASM, HAS_BIAS, HAS_LIMIT)
+        out_ptrs = inter_ptr + rm.to(tl.int64)[:, None] * Ip + rn[None, :]
+        if SPLIT > 1:
+            tl.store(out_ptrs, act.to(inter_ptr.dtype.element_ty), mask=last[:, None])
+        else:
+            tl.store(out_ptrs, act.to(inter_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _gemm1_stream(x_ptr, stride_xm, w_ptr, s_ptr, gs_ptr, b_ptr, inter_ptr, sorted_ptr, block_expert_ptr, ids_ptr,
+                  MK, E, part_ptr, lock_ptr, H, Ip, Kp, top_k, n_tiles, WE, WR, WP, NSC, alpha, beta, limit,
+                  FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
+                  U: tl.constexpr, FOLD: tl.constexpr, DIRECT: tl.constexpr, MKP: tl.constexpr,
+                  WORDS: tl.constexpr, PB: tl.constexpr, WHOLE: tl.constexpr):
+    """GEMM1 as stream-K (KernelConfig.stream_k1): every tile's K loop is NU work units (its
+    iterations of U chunks inside H, then, if any chunks are left, one unit of the remaining
+    pairs; WHOLE: every chunk in iterations of U), the tiles' units are laid end to end (tile =
+    block x n_tiles + column tile), and program p of the P in the grid runs units
+    [p * TU // P, (p + 1) * TU // P), so every program has the same work to within one unit
+    whatever the number of tiles. A program runs a tile's epilogue where it holds all of the
+    tile's units; otherwise it stores its fp32 partial sums [BM, 2BN] in its own slot of part
+    (2 per program: its first tile's, then its last's) and counts itself in the tile's counter;
+    the tile's last contributor adds the slots of all of them in program order (deterministic,
+    whoever finishes last), runs the epilogue and sets the counter back to 0. With DIRECT, TU
+    counts the live blocks only (the slots' distinct experts, in blocks of BM); with more programs
+    than units, one unit per program and the rest idle."""
+    nch = Kp // (2 * G)
+    if WHOLE:
+        n_main = nch // U
     else:
-        c_lo, c_hi = _split_chunks(Kp // (2 * G), sk, SPLIT, U)
-        c_main = c_lo + (tl.maximum(tl.minimum(c_hi, H // (2 * G)) - c_lo, 0)) // U * U
-    # U chunks per iteration, in pairs, unrolled (their loads are independent); no masks unless WHOLE
-    for c0 in range(c_lo, c_main, U):
-        sg = _group_scales(sg_rows, c0, U, FMT, WORDS)
-        su = _group_scales(su_rows, c0, U, FMT, WORDS)
-        for u in tl.static_range(0, U, 2):
-            acc_g, acc_u = _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, WP, PB, sg[2 * u:2 * u + 4],
-                                       su[2 * u:2 * u + 4], c0 + u, BN, FMT, G, CDT, ASM, FOLD, SWAP, WHOLE)
-    # the rest (past H's last whole iteration, K padding included), pair by pair, x masked at H;
-    # not pipelined: pipelined, it raised the kernel's registers from 120 to 159 (mxfp4)
-    for c in tl.range(c_main, c_hi, 2, num_stages=1):
-        acc_g, acc_u = _gemm1_pair(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, WP, PB,
-                                   _group_scales(sg_rows, c, 2, FMT, WORDS), _group_scales(su_rows, c, 2, FMT, WORDS),
-                                   c, BN, FMT, G, CDT, ASM, FOLD, SWAP, True)
-    if SWAP:
-        acc_g = tl.trans(acc_g)
-        acc_u = tl.trans(acc_u)
-    if SPLIT > 1:  # partial sums out; the tile's last program adds them in split order
-        prow = part_ptr + rm.to(tl.int64)[:, None] * (2 * Ip) + rn[None, :]
-        pstride = part_stride.to(tl.int64)   # (SPLIT - 1) x the stride can pass 2^31
-        tl.store(prow + sk * pstride, acc_g, mask=valid[:, None])
-        tl.store(prow + sk * pstride + Ip, acc_u, mask=valid[:, None])
-        tl.debug_barrier()             # every thread's partial stored before the count (acq_rel, gpu scope)
-        done = tl.atomic_add(lock_ptr + tile, 1)   # programs of this tile finished before this one
-        last = (tl.zeros_like(rm) + done) == SPLIT - 1   # [BM] (a tensor: the interpreter's scalars do not mask)
-        rd = valid[:, None] & last[:, None]
-        acc_g = tl.load(prow, mask=rd, other=0.0, cache_modifier=".cg")
-        acc_u = tl.load(prow + Ip, mask=rd, other=0.0, cache_modifier=".cg")
-        for s in tl.static_range(1, SPLIT):
-            acc_g += tl.load(prow + s * pstride, mask=rd, other=0.0, cache_modifier=".cg")
-            acc_u += tl.load(prow + s * pstride + Ip, mask=rd, other=0.0, cache_modifier=".cg")
-        # the last one takes the count back to 0 (all SPLIT increments are in): ready for the next call
-        tl.atomic_add(lock_ptr + tile, tl.where(done == SPLIT - 1, -SPLIT, 0))
-    if FMT == 1:
-        gs = _nvfp4_global_scale(gs_ptr, e, ASM)
-        acc_g = acc_g * gs
-        acc_u = acc_u * gs
-    if HAS_BIAS:
-        acc_g += tl.load(b_ptr + e64 * 2 * Ip + rn)[None, :]
-        acc_u += tl.load(b_ptr + e64 * 2 * Ip + Ip + rn)[None, :]
-    act = swiglu(acc_g, acc_u, alpha, beta, limit, HAS_LIMIT)  # NaN kept through the clamps
-    out_ptrs = inter_ptr + rm.to(tl.int64)[:, None] * Ip + rn[None, :]
-    if SPLIT > 1:
-        tl.store(out_ptrs, act.to(inter_ptr.dtype.element_ty), mask=last[:, None])
+        n_main = (H // (2 * G)) // U
+    NU = n_main + (nch > n_main * U).to(tl.int32)
+    if DIRECT:
+        n_blocks = _direct_blocks(ids_ptr, MK, E, BM, MKP)
     else:
-        tl.store(out_ptrs, act.to(inter_ptr.dtype.element_ty))
+        n_blocks = MK // BM + tl.minimum(E, MK)   # moe.max_blocks: the grouping's blocks, live or not
+    TU = n_blocks.to(tl.int64) * n_tiles * NU
+    # P: the programs that share the units, at most one per unit, so none of them is empty; the
+    # grid's others (pid >= P) run nothing
+    P = tl.maximum(tl.minimum(tl.num_programs(0), TU), 1)
+    pid = tl.minimum(tl.program_id(0), P)
+    u_lo = pid * TU // P
+    u_hi = tl.minimum(pid + 1, P) * TU // P
+    t_first = u_lo // NU
+    t_last = (u_hi + NU - 1) // NU          # one past the last tile touched
+    for tile in tl.range(t_first, t_last, num_stages=1):
+        a = tl.maximum(u_lo, tile * NU) - tile * NU      # this program's units [a, b) of the tile
+        b = tl.minimum(u_hi, (tile + 1) * NU) - tile * NU
+        blk = (tile // n_tiles).to(tl.int32)
+        nt = (tile % n_tiles).to(tl.int32)
+        e, rm, slots, valid = _block(ids_ptr, MK, E, sorted_ptr, block_expert_ptr, blk, BM, DIRECT, MKP)
+        if (e >= 0) & (b > a):
+            tok = tl.where(valid, slots // top_k, 0).to(tl.int64)
+            rn = nt * BN + tl.arange(0, BN)
+            x_rows, wg_rows, wu_rows, sg_rows, su_rows = _gemm1_rows(x_ptr, stride_xm, w_ptr, s_ptr, tok, e, rn, Ip,
+                                                                     WE, WR, NSC)
+            if SWAP:
+                acc_g = tl.zeros((BN, BM), dtype=tl.float32)
+                acc_u = tl.zeros((BN, BM), dtype=tl.float32)
+            else:
+                acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+                acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+            c_lo = (a * U).to(tl.int32)
+            c_main = (tl.minimum(b, n_main) * U).to(tl.int32)
+            c_hi = tl.where(b > n_main, nch, c_main)
+            acc_g, acc_u = _gemm1_k(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, WP, PB, sg_rows, su_rows, c_lo,
+                                    c_main, c_hi, BN, FMT, G, CDT, ASM, FOLD, SWAP, U, WORDS, WHOLE)
+            if SWAP:
+                acc_g = tl.trans(acc_g)
+                acc_u = tl.trans(acc_u)
+            out_ptrs = inter_ptr + rm.to(tl.int64)[:, None] * Ip + rn[None, :]
+            r2 = tl.arange(0, BM)[:, None] * (2 * BN) + tl.arange(0, BN)[None, :]   # a slot's [BM, 2BN] offsets
+            if (a == 0) & (b == NU):
+                act = _gemm1_act(acc_g, acc_u, e, rn, gs_ptr, b_ptr, Ip, alpha, beta, limit, FMT, ASM, HAS_BIAS,
+                                 HAS_LIMIT)
+                tl.store(out_ptrs, act.to(inter_ptr.dtype.element_ty))
+            else:
+                mine = part_ptr + (2 * pid + (tile != t_first).to(tl.int64)) * (BM * 2 * BN) + r2
+                tl.store(mine, acc_g)
+                tl.store(mine + BN, acc_u)
+                tl.debug_barrier()             # every thread's partial stored before the count (acq_rel, gpu scope)
+                done = tl.atomic_add(lock_ptr + tile, 1)   # contributors of this tile finished before this one
+                q0 = _stream_first(tile * NU, TU, P)
+                q1 = _stream_first((tile + 1) * NU - 1, TU, P)
+                if done == q1 - q0:            # the last: add every contributor's slot in program order
+                    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+                    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+                    for q in tl.range(q0, q1 + 1, num_stages=1):
+                        first_q = (q * TU // P) // NU   # q's first tile: its slot 0, any later tile slot 1
+                        theirs = part_ptr + (2 * q + (tile != first_q).to(tl.int64)) * (BM * 2 * BN) + r2
+                        acc_g += tl.load(theirs, cache_modifier=".cg")
+                        acc_u += tl.load(theirs + BN, cache_modifier=".cg")
+                    tl.atomic_add(lock_ptr + tile, -(q1 - q0 + 1).to(tl.int32))   # back to 0 for the next call
+                    act = _gemm1_act(acc_g, acc_u, e, rn, gs_ptr, b_ptr, Ip, alpha, beta, limit, FMT, ASM, HAS_BIAS,
+                                     HAS_LIMIT)
+                    tl.store(out_ptrs, act.to(inter_ptr.dtype.element_ty))
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _moe_kernels as K
-from . import interpreted
+from . import interpreted, sm_count
 from .layout import (E2M1_WORD_BITS, INT4_WORD_BITS, from_kernel_layout, nvfp4_codes_problem, nvfp4_scale_codes,
                      nvfp4_scales_of_codes, round_up, to_kernel_layout)
 
@@ -78,7 +78,13 @@ class KernelConfig:
     halves the bytes GEMM2 writes and the combine reads (M * k * H * 2 each: 0.5 GB at
     qwen3-30b-a3b M = 8192), at the price of one bf16 rounding of each slot's row before the
     combine's fp32 sum (as the peers' per-slot outputs); not with split_k (each partial sum would
-    be rounded).
+    be rounded);
+    stream_k1: 0, or GEMM1 as stream-K on stream_k1 programs per SM (1..4): the tiles' K loops are
+    cut into work units (iterations of k_unroll chunks) laid end to end, and each program runs an
+    equal share of them, so that no multiprocessor gets more work than another where the tiles do
+    not divide evenly among them (gpt-oss-120b M = 1: 184 tiles on 132 SMs); a tile split between
+    programs is summed by its last contributor in program order (deterministic; the K cuts depend
+    on the number of tiles, so not batch-invariant). Not with split_k1 or tail_m.
     """
 
     block_m: int = 16
@@ -96,6 +102,7 @@ class KernelConfig:
     tail_m: int = 0
     whole_k: bool = False
     y_bf16: bool = False
+    stream_k1: int = 0
 
     def __post_init__(self):
         for f in ("block_m", "block_n1", "block_n2"):
@@ -129,6 +136,11 @@ class KernelConfig:
         if self.y_bf16 and self.split_k > 1:
             raise ValueError(f"KernelConfig.y_bf16: not with split_k={self.split_k} (each partial sum would be rounded "
                              f"to bf16 before they are added)")
+        if not 0 <= self.stream_k1 <= 4:
+            raise ValueError(f"KernelConfig.stream_k1: expected 0 (off) or 1..4 programs per SM, got {self.stream_k1}")
+        if self.stream_k1 and (self.split_k1 > 1 or t):
+            raise ValueError(f"KernelConfig.stream_k1: not with split_k1={self.split_k1} or tail_m={t} (stream-K "
+                             f"already cuts GEMM1's K; tail blocks are for prefill)")
         if t and self.split_k1 > 1:
             raise ValueError(f"KernelConfig.tail_m={t}: not with split_k1={self.split_k1} (tail blocks are for "
                              f"prefill, split-K for few tokens)")
@@ -447,12 +459,17 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     # each part (the blocks of block_m rows, then the tail blocks) is one GEMM1 launch and one GEMM2
     # launch; the parts share y, which GEMM2 writes by slot
     for (bm, sorted_slots, block_expert, NB), inter in zip(parts, inters):
-        if S1 > 1:
+        grid1 = NB * n1 * S1
+        if cfg.stream_k1:   # a fixed grid; part holds 2 slots of [bm, 2 block_n1] per program
+            grid1 = cfg.stream_k1 * sm_count(x.device)
+            part = torch.empty(2 * grid1, bm * 2 * cfg.block_n1, dtype=torch.float32, device=x.device)
+            locks = split_counters(weights, NB * n1)
+        elif S1 > 1:
             part = torch.empty(S1, NB * bm, 2 * Ip, dtype=torch.float32, device=x.device)
             locks = split_counters(weights, NB * n1)
         else:
             part = locks = dummy
-        k1 = K.moe_gemm1_kernel[(NB * n1 * S1,)](
+        k1 = K.moe_gemm1_kernel[(grid1,)](
             x, x.stride(0), weights.w13, weights.s13,
             weights.gs13 if weights.gs13 is not None else dummy, weights.b13 if has_bias1 else dummy,
             inter, sorted_slots, block_expert, ids, MK, E, part, locks, NB * bm * 2 * Ip,
@@ -461,7 +478,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
             FMT=fmt, G=G, HAS_BIAS=has_bias1, HAS_LIMIT=limit is not None,
             BM=bm, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold13,
             DIRECT=direct, MKP=mkp, PDL=pdl, SPLIT=S1, WORDS=words, PB=weights.w13.shape[3], WHOLE=cfg.whole_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
+            STREAM=bool(cfg.stream_k1), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
         k2 = K.moe_gemm2_kernel[(NB * n2 * S,)](
             inter, weights.w2, weights.s2,
             weights.gs2 if weights.gs2 is not None else dummy, weights.b2 if has_bias2 else dummy,
@@ -472,7 +489,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
             SPLIT=S, DIRECT=direct, MKP=mkp, PDL=pdl, WORDS=words, PB=weights.w2.shape[3],
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
         tag = "" if bm == BM else "_tail"
-        launched += [("gemm1" + tag, k1, NB * n1 * S1), ("gemm2" + tag, k2, NB * n2 * S)]
+        launched += [("gemm1" + tag, k1, grid1), ("gemm2" + tag, k2, NB * n2 * S)]
     _record(stats, launched)
     return _combine(y, topk_ids, E, out, shared_output, pdl)
 

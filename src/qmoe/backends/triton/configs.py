@@ -109,8 +109,9 @@ def invariant(cfg) -> bool:
     in some rows (51 of 256 for gpt-oss-120b); split-K adds partial sums in another order. This
     family replaced the mma.sync one in session 10: it holds the fastest prefill configurations
     (the weight first, session 9), which the mma.sync family kept out at 1.6-1.9x the time. Slots'
-    rows of y in bf16 (y_bf16) round before the combine: a family of their own, kept out."""
-    return wgmma(cfg) and cfg.split_k == 1 and cfg.split_k1 == 1 and not cfg.y_bf16
+    rows of y in bf16 (y_bf16) round before the combine: a family of their own, kept out; so is
+    stream-K (stream_k1), whose K cuts depend on the number of tiles."""
+    return wgmma(cfg) and cfg.split_k == 1 and cfg.split_k1 == 1 and not cfg.y_bf16 and not cfg.stream_k1
 
 
 def problem(gpu: str, fmt: str, spec, batch_invariant: bool = False) -> str:
@@ -230,8 +231,8 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     programmatic dependent launch, and without (the default), with GEMM2 tiles of 64 or 128
     columns (nvfp4 also with 2 warps), or with more loads in flight (4 stages, 8 chunks per stage,
     8 warps, 32-column GEMM1 tiles); split-K (2 or 4 parts, GEMM1 and GEMM2) when almost every
-    expert sees one token, and GEMM1 in two parts up to 4 tokens per expert (twice the programs,
-    for a short last wave); 32- and 64-row blocks in between; 128-row blocks for prefill; at every
+    expert sees one token (8-row blocks too, and GEMM1 as stream-K: `KernelConfig.stream_k1`), and
+    GEMM1 in two parts up to 4 tokens per expert (twice the programs, for a short last wave); 32- and 64-row blocks in between; 128-row blocks for prefill; at every
     M also with the weight as the MMA's first operand (`swap`: a wgmma register operand on Hopper,
     the batch-invariant family): 16-row decode tiles, 8-row ones (mma.sync, outside that
     family), and from 2 tokens per expert 32- to 128-row blocks, 4 stages or 4 chunks per
@@ -274,6 +275,8 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
             # parts, twice the programs of half the loop (gpt-oss-120b M = 1: 184 programs of 4 warps on
             # 132 SMs leave some schedulers two warps, session 15); not yet measured
             out += [C(8, 64, 64, True, 4, 3, u, split_k=2, split_k1=2, **fast) for u in (2, 4)]
+            # or GEMM1 as stream-K on 1 or 2 programs per SM: equal work per SM whatever the tile count
+            out += [C(8, 64, 64, True, 4, 3, u, split_k=2, stream_k1=p, **fast) for u in (2, 4) for p in (1, 2)]
         if per_expert <= 4:  # tiles of half the K: a wave's worth more programs where the last wave is short
             out += [C(16, 64, 128, False, 4, 3, 4, split_k=s2, split_k1=s1, **lat) for s1, s2 in ((2, 1), (2, 2))]
     if 2 <= per_expert <= 64:
