@@ -92,7 +92,9 @@ def wgmma(cfg) -> bool:
     elsewhere the rule names the configurations that would be wgmma's there, and the tuner's
     bitwise check (tune.py) is what holds the family together. Tail blocks change only the token
     side (N). The token side needs 16 rows too: with 8-row blocks (the weight first) Triton 3.6
-    emits mma.sync's m16n8k16 (CPU SASS, scripts/dev/sass_loop.py --block-m 8 --swap 1)."""
+    emits mma.sync's m16n8k16 (CPU SASS, scripts/dev/sass_loop.py --block-m 8 --swap 1). Triton 3.9
+    emits wgmma's m64n8k16 for them (scripts/dev/compile_table.py, session 17): there the rule
+    leaves some wgmma configurations out of the family, which costs speed, not correctness."""
     sides = (cfg.block_n1, cfg.block_n2) if cfg.swap else (cfg.block_m, cfg.block_m)
     return cfg.num_warps % 4 == 0 and all(s % 64 == 0 for s in sides) and cfg.block_m >= 16
 
