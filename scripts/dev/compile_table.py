@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Compile every launch configuration of the shipped table for sm_90 with a given Triton, on a
 machine without a GPU, and list per kernel its registers, local memory (spills), shared memory
-and main-loop counts (scripts/dev/sass_loop.py's compile and loop finder). Run once per Triton,
+and main-loop counts (scripts/dev/sass_loop.py's compile and loop finder), and what exposes it to
+triton-lang/triton#9433 (wgmmas with a register operand, the most groups a wait leaves in flight:
+kernels.register_wgmma_hazard). Run once per Triton,
 each in its own process, to see what a Triton upgrade changes before a GPU measures it:
 
     python3 scripts/dev/compile_table.py --triton /tmp/t36 --json /tmp/t36.json
@@ -60,8 +62,14 @@ def compile_one(triton_dir, item):
         res = subprocess.run([cuobjdump, "-res-usage", cubin], check=True, capture_output=True, text=True).stdout
     loop = sass_loop.main_loop(sass)
     grab = (lambda name: int(m.group(1)) if (m := re.search(name + r":(\d+)", res)) else None)
+    ptx = ck.asm["ptx"]
+    # exposure to triton-lang/triton#9433: wgmmas reading their first operand from registers, and
+    # the most wgmma groups a wait leaves in flight (3.6: up to 3; the fix: copies and at most 1)
+    reg_a = len(re.findall(r"wgmma\.mma_async\S* \{[^}]*\}, \{%r", ptx))
+    waits = [int(w) for w in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)]
     return {"regs": grab("REG"), "local": grab("LOCAL"), "shared": ck.metadata.shared, "loop": len(loop),
-            "mma": sum("MMA" in t for t in loop), "mma_kind": sorted({t.split()[0] for t in loop if "MMA" in t})}
+            "mma": sum("MMA" in t for t in loop), "mma_kind": sorted({t.split()[0] for t in loop if "MMA" in t}),
+            "reg_a_wgmma": reg_a, "max_wait": max(waits, default=0)}
 
 
 def main():
@@ -72,12 +80,13 @@ def main():
     args = ap.parse_args()
     if args.compare:
         a, b = (json.load(open(p)) for p in args.compare)
-        print(f"{'config':58s} {a['triton']:>24s} | {b['triton']:>24s}")
+        print(f"{'config':58s} {a['triton']:>30s} | {b['triton']:>30s}   (aN: wgmmas with a register operand, wN: most "
+              f"groups a wait leaves in flight)")
         for key in a["kernels"]:
             ra, rb = a["kernels"][key], b["kernels"].get(key, {"error": "absent"})
-            cell = (lambda r: r["error"][:24] if "error" in r else
-                    f"r{r['regs']} l{r['local']} loop {r['loop']} mma {r['mma']}")
-            print(f"{key:58s} {cell(ra):>24s} | {cell(rb):>24s}")
+            cell = (lambda r: r["error"][:30] if "error" in r else
+                    f"r{r['regs']} l{r['local']} loop {r['loop']} mma {r['mma']} a{r['reg_a_wgmma']}w{r['max_wait']}")
+            print(f"{key:58s} {cell(ra):>30s} | {cell(rb):>30s}")
         return
     if not args.triton:
         ap.error("--triton or --compare")

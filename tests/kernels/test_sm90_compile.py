@@ -73,6 +73,29 @@ def test_register_wgmma_hazard_names_this_triton_rightly(tmp_path):
     assert register_operand_pattern(ptx.read_text()) == (register_wgmma_hazard(triton.__version__) is None)
 
 
+@pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton has no NVIDIA backend with ptxas")
+@pytest.mark.parametrize("kernel,fmt,bm,bn,warps,unroll", [
+    ("gemm1", "int4", 128, 128, 8, 2), ("gemm2", "int4", 128, 128, 8, 2),     # kimi-k2.5's prefill tiles
+    ("gemm1", "mxfp4", 128, 64, 4, 2), ("gemm2", "mxfp4", 128, 64, 4, 2),     # gpt-oss-120b's
+    ("gemm1", "nvfp4", 128, 64, 4, 4), ("gemm2", "nvfp4", 128, 64, 4, 4)])    # nvfp4 at k_unroll 4
+def test_which_weight_first_kernels_keep_wgmmas_in_flight(tmp_path, kernel, fmt, bm, bn, warps, unroll):
+    """What register_wgmma_hazard's message claims: the race needs wgmmas left in flight past a
+    wait, and of the weight-first kernels only nvfp4's at k_unroll 2 (one MMA per quad of K) leave
+    any (Triton 3.6: up to 7 in GEMM1, 3 in GEMM2; scripts/dev/compile_table.py, session 17). These
+    wait for every wgmma, on 3.6 and 3.9 alike, though their first operand is in registers."""
+    ptx = tmp_path / "k.ptx"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "dev", "sass_loop.py"), "--triton", SITE,
+                          "--kernel", kernel, "--fmt", fmt, "--block-m", str(bm), "--block-n", str(bn), "--warps",
+                          str(warps), "--k-unroll", str(unroll), "--stages", "3", "--swap", "1", "--ptx", str(ptx)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = ptx.read_text()
+    assert re.search(r"wgmma\.mma_async\S* \{[^}]*\}, \{%r", text), "expected wgmmas with a register operand"
+    waits = {int(w) for w in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", text)}
+    assert waits == {0}, f"waits leave {sorted(waits)} wgmma groups in flight"
+
+
 def test_register_wgmma_hazard_by_version():
     from qmoe.kernels import register_wgmma_hazard
 

@@ -44,9 +44,10 @@ def register_wgmma_hazard(version: str) -> str | None:
         return None
     fixed = ".".join(map(str, REGISTER_WGMMA_FIXED))
     return (f"Triton {version} may predate the fix of a race on wgmma register operands "
-            f"(triton-lang/triton#9433; {fixed} has it): the weight-first wgmma configurations (prefill, "
-            f"batch-invariant mode) use them; every bitwise check of the shipped ones has passed on an H200, "
-            f"but one kernel variant showed the race (docs/performance.md, session 16)")
+            f"(triton-lang/triton#9433; {fixed} has it): of qmoe's kernels, the nvfp4 weight-first ones at "
+            f"k_unroll 2 (the prefill and M = 1 entries of qwen3-30b-a3b and deepseek-v3) leave wgmmas in flight "
+            f"over them (mxfp4 and int4 wait for every wgmma); every bitwise check of the shipped ones has "
+            f"passed on an H200, but one kernel variant showed the race (docs/performance.md, sessions 16-17)")
 
 
 def sm_count(device) -> int:
