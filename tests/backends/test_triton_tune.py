@@ -21,7 +21,8 @@ def test_tune_kernels_writes_the_table_and_prepare_uses_it(tmp_path, monkeypatch
     # batch-invariant (the weight first, wgmma); H = 64 leaves GEMM1 a remainder: the tuner times it with whole_k
     only = configs.with_whole_k(KernelConfig(16, 64, 64, True, 4, 2, 2), "mxfp4", 64, 128)
     assert only.whole_k
-    monkeypatch.setattr(configs, "candidates", lambda m, k, e, fmt="mxfp4", padded=None: [configs.default_config(m, k, e, fmt), only])
+    monkeypatch.setattr(configs, "candidates",
+                        lambda m, k, e, fmt="mxfp4", padded=None: [configs.default_config(m, k, e, fmt), only])
     parser = argparse.ArgumentParser()
     tune.add_arguments(parser)
     args = parser.parse_args(["--experts", "4", "--hidden", "64", "--intermediate", "64", "--top-k", "2",

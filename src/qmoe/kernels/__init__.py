@@ -45,9 +45,10 @@ def register_wgmma_hazard(version: str) -> str | None:
     fixed = ".".join(map(str, REGISTER_WGMMA_FIXED))
     return (f"Triton {version} may predate the fix of a race on wgmma register operands "
             f"(triton-lang/triton#9433; {fixed} has it): of qmoe's kernels, the nvfp4 weight-first ones at "
-            f"k_unroll 2 (the prefill and M = 1 entries of qwen3-30b-a3b and deepseek-v3) leave wgmmas in flight "
-            f"over them (mxfp4 and int4 wait for every wgmma); every bitwise check of the shipped ones has "
-            f"passed on an H200, but one kernel variant showed the race (docs/performance.md, sessions 16-17)")
+            f"k_unroll 2 (the shipped entries of qwen3-30b-a3b at M = 1 and from 256, deepseek-v3 from 1024) "
+            f"leave wgmmas in flight over them (mxfp4 and int4 wait for every wgmma); every bitwise check of "
+            f"the shipped ones has passed on an H200, but one kernel variant showed the race "
+            f"(docs/performance.md, sessions 16-17)")
 
 
 def sm_count(device) -> int:

@@ -234,8 +234,8 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     columns (nvfp4 also with 2 warps), or with more loads in flight (4 stages, 8 chunks per stage,
     8 warps, 32-column GEMM1 tiles); split-K (2 or 4 parts, GEMM1 and GEMM2) when almost every
     expert sees one token (8-row blocks too, and GEMM1 as stream-K: `KernelConfig.stream_k1`), and
-    GEMM1 in two parts up to 4 tokens per expert (twice the programs, for a short last wave); 32- and 64-row blocks in between; 128-row blocks for prefill; at every
-    M also with the weight as the MMA's first operand (`swap`: a wgmma register operand on Hopper,
+    GEMM1 in two parts up to 4 tokens per expert (twice the programs, for a short last wave);
+    32- and 64-row blocks in between; 128-row blocks for prefill; at every M also with the weight as the MMA's first operand (`swap`: a wgmma register operand on Hopper,
     the batch-invariant family): 16-row decode tiles, 8-row ones (mma.sync, outside that
     family), and from 2 tokens per expert 32- to 128-row blocks, 4 stages or 4 chunks per
     iteration, and tail blocks (`KernelConfig.tail_m`).
