@@ -235,9 +235,9 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     8 warps, 32-column GEMM1 tiles); split-K (2 or 4 parts, GEMM1 and GEMM2) when almost every
     expert sees one token (8-row blocks too, and GEMM1 as stream-K: `KernelConfig.stream_k1`), and
     GEMM1 in two parts up to 4 tokens per expert (twice the programs, for a short last wave);
-    32- and 64-row blocks in between; 128-row blocks for prefill; at every M also with the weight as the MMA's first operand (`swap`: a wgmma register operand on Hopper,
-    the batch-invariant family): 16-row decode tiles, 8-row ones (mma.sync, outside that
-    family), and from 2 tokens per expert 32- to 128-row blocks, 4 stages or 4 chunks per
+    32- and 64-row blocks in between; 128-row blocks for prefill; at every M also with the weight
+    as the MMA's first operand (`swap`: a wgmma register operand on Hopper, the batch-invariant
+    family): 16-row decode tiles, 8-row ones (mma.sync, outside that family), and from 2 tokens per expert 32- to 128-row blocks, 4 stages or 4 chunks per
     iteration, and tail blocks (`KernelConfig.tail_m`).
     All load the scales as 32- or 64-bit words (`default_config`). From 2 tokens per expert, each
     without split-K also stores the slots' rows of y in bf16 (`KernelConfig.y_bf16`), outside the
