@@ -237,8 +237,9 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     GEMM1 in two parts up to 4 tokens per expert (twice the programs, for a short last wave);
     32- and 64-row blocks in between; 128-row blocks for prefill; at every M also with the weight
     as the MMA's first operand (`swap`: a wgmma register operand on Hopper, the batch-invariant
-    family): 16-row decode tiles, 8-row ones (mma.sync, outside that family), and from 2 tokens per expert 32- to 128-row blocks, 4 stages or 4 chunks per
-    iteration, and tail blocks (`KernelConfig.tail_m`).
+    family): 16-row decode tiles, 8-row ones (mma.sync, outside that family), and from 2 tokens
+    per expert 32- to 128-row blocks, 4 stages or 4 chunks per iteration, and tail blocks
+    (`KernelConfig.tail_m`).
     All load the scales as 32- or 64-bit words (`default_config`). From 2 tokens per expert, each
     without split-K also stores the slots' rows of y in bf16 (`KernelConfig.y_bf16`), outside the
     batch-invariant family (`invariant`), whose candidates keep fp32; from 16 tokens per expert
