@@ -17,9 +17,7 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from argparse import Namespace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,13 +51,7 @@ def compile_one(triton_dir, item):
     args = Namespace(triton=triton_dir, kernel=kernel, fmt=fmt, block_m=bm, block_n=bn, warps=warps, stages=stages,
                      k_unroll=u, swap=swap, whole=whole, split=split, stream=stream, words=2)
     ck = sass_loop.compile_kernel(args)
-    cuobjdump = os.path.join(triton_dir, "triton", "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.TemporaryDirectory() as d:
-        cubin = os.path.join(d, "k.cubin")
-        with open(cubin, "wb") as f:
-            f.write(ck.asm["cubin"])
-        sass = subprocess.run([cuobjdump, "-sass", cubin], check=True, capture_output=True, text=True).stdout
-        res = subprocess.run([cuobjdump, "-res-usage", cubin], check=True, capture_output=True, text=True).stdout
+    sass, res = sass_loop.disassemble(ck, triton_dir)
     loop = sass_loop.main_loop(sass)
     grab = (lambda name: int(m.group(1)) if (m := re.search(name + r":(\d+)", res)) else None)
     ptx = ck.asm["ptx"]

@@ -61,6 +61,18 @@ def compile_kernel(args):
                           options={"num_warps": args.warps, "num_stages": args.stages})
 
 
+def disassemble(ck, triton_dir: str) -> tuple[str, str]:
+    """(SASS, resource usage) of a compiled kernel, by the cuobjdump of the Triton in triton_dir."""
+    cuobjdump = os.path.join(triton_dir, "triton", "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(ck.asm["cubin"])
+        sass = subprocess.run([cuobjdump, "-sass", cubin], check=True, capture_output=True, text=True).stdout
+        res = subprocess.run([cuobjdump, "-res-usage", cubin], check=True, capture_output=True, text=True).stdout
+    return sass, res
+
+
 def main_loop(sass: str) -> list[str]:
     """The instructions (opcode and operands) of the main K loop: of the loops (backward
     branches), the one with the most MMAs, then the most cp.async (the pipelined main loop rather
@@ -106,13 +118,7 @@ def main():
     if not os.path.isdir(os.path.join(args.triton, "triton")):
         raise SystemExit(f"no Triton under {args.triton}: pip install --target {args.triton} --no-deps triton==3.6.0")
     ck = compile_kernel(args)
-    cuobjdump = os.path.join(args.triton, "triton", "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.TemporaryDirectory() as d:
-        cubin = os.path.join(d, "k.cubin")
-        with open(cubin, "wb") as f:
-            f.write(ck.asm["cubin"])
-        sass = subprocess.run([cuobjdump, "-sass", cubin], check=True, capture_output=True, text=True).stdout
-        res = subprocess.run([cuobjdump, "-res-usage", cubin], check=True, capture_output=True, text=True).stdout
+    sass, res = disassemble(ck, args.triton)
     for path, text in ((args.sass, sass), (args.ttgir, ck.asm["ttgir"]), (args.ptx, ck.asm["ptx"])):
         if path:
             with open(path, "w") as f:

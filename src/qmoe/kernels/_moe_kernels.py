@@ -468,15 +468,25 @@ def _gemm1_k(acc_g, acc_u, x_rows, valid, H, wg_rows, wu_rows, WP, PB: tl.conste
 
 
 @triton.jit
-def _gemm1_rows(x_ptr, stride_xm, w_ptr, s_ptr, tok, e, rn, Ip, WE, WR, NSC):
-    """Row pointers of one tile: x's rows of the tokens [BM, 1], w13's gate and up rows [BN, 1] and
-    their scale rows [BN, 1] of expert e."""
+def _gemm1_tile(x_ptr, stride_xm, w_ptr, s_ptr, slots, valid, top_k, e, nt, Ip, WE, WR, NSC, BM: tl.constexpr,
+                BN: tl.constexpr, SWAP: tl.constexpr):
+    """One tile's set-up: its intermediate columns rn [BN]; the row pointers of x for its tokens
+    [BM, 1], of w13's gate and up rows [BN, 1] and their scale rows [BN, 1] of expert e; and the two
+    accumulators at zero ([BN, BM] with the weight first, else [BM, BN])."""
+    tok = tl.where(valid, slots // top_k, 0).to(tl.int64)
+    rn = nt * BN + tl.arange(0, BN)
     e64 = e.to(tl.int64)
     wg_rows = w_ptr + e64 * WE + rn[:, None] * WR
     wu_rows = w_ptr + e64 * WE + (Ip + rn)[:, None] * WR
     sg_rows = s_ptr + (e64 * 2 * Ip + rn)[:, None] * NSC
     su_rows = s_ptr + (e64 * 2 * Ip + Ip + rn)[:, None] * NSC
-    return x_ptr + tok[:, None] * stride_xm, wg_rows, wu_rows, sg_rows, su_rows
+    if SWAP:
+        acc_g = tl.zeros((BN, BM), dtype=tl.float32)
+        acc_u = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    return rn, x_ptr + tok[:, None] * stride_xm, wg_rows, wu_rows, sg_rows, su_rows, acc_g, acc_u
 
 
 @triton.jit
@@ -545,16 +555,8 @@ def moe_gemm1_kernel(
         e, rm, slots, valid = _block(ids_ptr, MK, E, sorted_ptr, block_expert_ptr, blk, BM, DIRECT, MKP)
         if e < 0:
             return
-        tok = tl.where(valid, slots // top_k, 0).to(tl.int64)
-        rn = nt * BN + tl.arange(0, BN)
-        x_rows, wg_rows, wu_rows, sg_rows, su_rows = _gemm1_rows(x_ptr, stride_xm, w_ptr, s_ptr, tok, e, rn, Ip, WE, WR,
-                                                                 NSC)
-        if SWAP:
-            acc_g = tl.zeros((BN, BM), dtype=tl.float32)
-            acc_u = tl.zeros((BN, BM), dtype=tl.float32)
-        else:
-            acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-            acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        rn, x_rows, wg_rows, wu_rows, sg_rows, su_rows, acc_g, acc_u = _gemm1_tile(
+            x_ptr, stride_xm, w_ptr, s_ptr, slots, valid, top_k, e, nt, Ip, WE, WR, NSC, BM, BN, SWAP)
         if SPLIT == 1:
             c_lo = 0
             c_hi = Kp // (2 * G)
@@ -639,16 +641,8 @@ def _gemm1_stream(x_ptr, stride_xm, w_ptr, s_ptr, gs_ptr, b_ptr, inter_ptr, sort
         nt = (tile % n_tiles).to(tl.int32)
         e, rm, slots, valid = _block(ids_ptr, MK, E, sorted_ptr, block_expert_ptr, blk, BM, DIRECT, MKP)
         if (e >= 0) & (b > a):
-            tok = tl.where(valid, slots // top_k, 0).to(tl.int64)
-            rn = nt * BN + tl.arange(0, BN)
-            x_rows, wg_rows, wu_rows, sg_rows, su_rows = _gemm1_rows(x_ptr, stride_xm, w_ptr, s_ptr, tok, e, rn, Ip,
-                                                                     WE, WR, NSC)
-            if SWAP:
-                acc_g = tl.zeros((BN, BM), dtype=tl.float32)
-                acc_u = tl.zeros((BN, BM), dtype=tl.float32)
-            else:
-                acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-                acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+            rn, x_rows, wg_rows, wu_rows, sg_rows, su_rows, acc_g, acc_u = _gemm1_tile(
+                x_ptr, stride_xm, w_ptr, s_ptr, slots, valid, top_k, e, nt, Ip, WE, WR, NSC, BM, BN, SWAP)
             c_lo = (a * U).to(tl.int32)
             c_main = (tl.minimum(b, n_main) * U).to(tl.int32)
             c_hi = tl.where(b > n_main, nch, c_main)
