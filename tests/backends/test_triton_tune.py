@@ -18,8 +18,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_tune_kernels_writes_the_table_and_prepare_uses_it(tmp_path, monkeypatch):
     table = tmp_path / "triton_configs.json"
     monkeypatch.setenv("QMOE_TRITON_CONFIGS", str(table))
-    # batch-invariant (the weight first, wgmma); H = 64 leaves GEMM1 a remainder: the tuner times it with whole_k
-    only = configs.with_whole_k(KernelConfig(16, 64, 64, True, 4, 2, 2), "mxfp4", 64, 128)
+    # batch-invariant (the weight first, wgmma, bf16 rows); H = 64 leaves GEMM1 a remainder: the tuner
+    # times it with whole_k
+    only = configs.with_whole_k(KernelConfig(16, 64, 64, True, 4, 2, 2, y_bf16=True), "mxfp4",
+                                64, 128)
     assert only.whole_k
     monkeypatch.setattr(configs, "candidates",
                         lambda m, k, e, fmt="mxfp4", padded=None: [configs.default_config(m, k, e, fmt), only])
@@ -64,7 +66,7 @@ def test_the_interleaved_final_round_picks_the_winners(monkeypatch):
     a, b_, c = (KernelConfig(16, 32, 32, False, 2, 2, 2, split_k=2), KernelConfig(16, 32, 32, False, 2, 2, 4,
                                                                                  split_k=2),
                 KernelConfig(32, 32, 32, False, 2, 2, 2, split_k=2))
-    d = KernelConfig(16, 64, 64, True, 4, 2, 2)
+    d = KernelConfig(16, 64, 64, True, 4, 2, 2, y_bf16=True)
     base = configs.default_config(3, 2, 4)
     # as the tuner times them (H = 64 leaves GEMM1 a remainder: whole_k where it can run)
     a, b_, c, d, base = (configs.with_whole_k(x, "mxfp4", 64, 128) for x in (a, b_, c, d, base))
@@ -106,8 +108,8 @@ def test_an_invariant_candidate_with_other_bits_never_wins_the_invariant_entry(m
     import qmoe.timing as timing
     from qmoe.backends.triton import tune as ktune
 
-    plain = (KernelConfig(16, 64, 64, True, 4, 2, 2), KernelConfig(16, 64, 128, True, 4, 2, 2),
-             configs.default_config(3, 2, 4))
+    plain = (KernelConfig(16, 64, 64, True, 4, 2, 2, y_bf16=True),
+             KernelConfig(16, 64, 128, True, 4, 2, 2, y_bf16=True), configs.default_config(3, 2, 4))
     good, odd, base = (configs.with_whole_k(x, "mxfp4", 64, 128) for x in plain)
     assert configs.invariant(good) and configs.invariant(odd)
     times = {good: 9.0, odd: 5.0, base: 20.0}
@@ -152,7 +154,9 @@ def test_candidates_fit_every_preset_and_the_shipped_table_is_usable():
                 assert cands == [c for c in every if c.problem_with(fmt, Hp, Ip) is None], (name, m, inv)
                 assert all(256 in (c.block_n1, c.block_n2) for c in every if c not in cands), (name, m, inv)
                 prefill = m * spec.top_k / spec.num_experts >= 2
-                assert any(c.y_bf16 for c in cands) == (prefill and not inv), (name, m, inv)
+                # bf16 rows: every invariant candidate (the family's rows), and at decode only those
+                assert all(c.y_bf16 for c in cands) if inv else any(c.y_bf16 for c in cands), (name, m, inv)
+                assert prefill or all(configs.invariant(c) for c in cands if c.y_bf16), (name, m, inv)
                 for c in cands:
                     assert c.problem_with(fmt, Hp, Ip) is None, (name, m, c)
                     assert c.scale_words and (configs.invariant(c) or not inv), (name, m, c)

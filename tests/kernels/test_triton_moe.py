@@ -232,19 +232,24 @@ def test_scale_words_refuse_scale_rows_off_their_boundary(fmt, size, need):
 
 def test_the_invariant_family_is_wgmma_and_every_invariant_default_is_in_it():
     """The batch-invariant family: both GEMMs on wgmma (the weight first with tiles of 64 columns
-    or more, or 64-row blocks and up with the weight second; whole warpgroups), no split-K; the
-    mma.sync blocks are outside it. The batch-invariant defaults are in it at every M."""
+    or more, or 64-row blocks and up with the weight second; whole warpgroups), no split-K or
+    stream-K, the slots' rows in bf16; the mma.sync blocks and fp32 rows are outside it. The
+    batch-invariant defaults are in it at every M."""
     from qmoe.backends.triton import configs
 
     inside = [KernelConfig(16, 64, 64, True), KernelConfig(16, 64, 128, True, direct=True, pdl=True),
               KernelConfig(128, 64, 64, True, tail_m=32), KernelConfig(128, 128, 128, True, num_warps=8),
               KernelConfig(64, 64, 64, False), KernelConfig(128, 128, 128, False, num_warps=8)]
-    outside = [KernelConfig(16, 64, 64, False), KernelConfig(32, 64, 128, False),   # mma.sync, weight second
-               KernelConfig(16, 32, 64, True), KernelConfig(16, 64, 32, True),      # a 32-column tile: mma.sync
-               KernelConfig(16, 64, 64, True, num_warps=2),                          # not a warpgroup
-               KernelConfig(8, 64, 128, True), KernelConfig(8, 128, 128, True, num_warps=8),  # 8 rows: mma.sync
-               KernelConfig(16, 64, 64, True, split_k=2), KernelConfig(16, 64, 64, True, split_k1=2),
-               KernelConfig(16, 64, 64, True, stream_k1=1)]                        # K cuts depend on the tiles
+    inside = [dataclasses.replace(c, y_bf16=True) for c in inside]   # the family's rows are bf16
+    outside = [KernelConfig(16, 64, 64, True), KernelConfig(128, 64, 64, True, tail_m=32)]   # fp32 rows
+    outside += [dataclasses.replace(c, y_bf16=True) for c in [
+        KernelConfig(16, 64, 64, False), KernelConfig(32, 64, 128, False),   # mma.sync, weight second
+        KernelConfig(16, 32, 64, True), KernelConfig(16, 64, 32, True),      # a 32-column tile: mma.sync
+        KernelConfig(16, 64, 64, True, num_warps=2),                          # not a warpgroup
+        KernelConfig(8, 64, 128, True), KernelConfig(8, 128, 128, True, num_warps=8),  # 8 rows: mma.sync
+        KernelConfig(16, 64, 64, True, split_k1=2),
+        KernelConfig(16, 64, 64, True, stream_k1=1)]]                        # K cuts depend on the tiles
+    outside.append(KernelConfig(16, 64, 64, True, split_k=2))   # split-K GEMM2 (fp32 rows: its parts are summed)
     assert all(configs.invariant(c) for c in inside)
     assert not any(configs.invariant(c) for c in outside)
     for m in (1, 16, 64, 256, 1024, 4096, 8192, 65536):

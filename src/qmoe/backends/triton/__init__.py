@@ -17,10 +17,12 @@ never the row's arithmetic; measured at 4096-token prefixes for mxfp4, int4 and 
 shipped entries of gpt-oss-120b, kimi-k2.5 and qwen3-30b-a3b on an H200, and checked by the
 tuner: an invariant winner must give the family's default configuration's bits). Since session
 10 the family holds the fastest prefill tiles (the shipped table's prefill entries have the same
-tiles in both modes); since session 16 the default mode stores the slots' rows in bf16 there
-(KernelConfig.y_bf16, outside the family), so the mode takes 1.00-1.08x the default's time at
-M = 1024 to 8192 (1.05-1.08x for qwen3-30b-a3b, whose GEMM2 is shortest); at decode it keeps the
-8-row mma.sync tiles out, which the default table runs from M = 1 to 64: the mode took 1.22 /
+tiles in both modes). Since session 16 the default mode stores the slots' rows in bf16 there
+(KernelConfig.y_bf16), and since session 17 so does every member of the family (a row rounded
+once from an invariant sum stays invariant): at M = 1024 to 8192 the two modes' shipped entries
+are the same kernels for kimi-k2.5, qwen3-30b-a3b and gpt-oss-120b up to 4096 (with fp32 rows the
+mode took 1.00-1.08x the default's time there; not re-measured on a GPU since). At decode it keeps
+the 8-row mma.sync tiles out, which the default table runs from M = 1 to 64: the mode took 1.22 /
 0.99 / 1.14 / 1.18x the default's time at M = 1 / 4 / 16 / 64 for gpt-oss-120b, 1.22 / 1.18 /
 1.25 / 1.29x for kimi-k2.5, 1.14 / 1.04 / 1.09 / 1.07x for qwen3-30b-a3b (qmoe bench on an H200,
 docs/performance.md session 15), more than the 3% that would make it the default.

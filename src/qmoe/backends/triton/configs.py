@@ -110,10 +110,13 @@ def invariant(cfg) -> bool:
     or 32-column tiles with the weight first) are a family of their own that differs from this one
     in some rows (51 of 256 for gpt-oss-120b); split-K adds partial sums in another order. This
     family replaced the mma.sync one in session 10: it holds the fastest prefill configurations
-    (the weight first, session 9), which the mma.sync family kept out at 1.6-1.9x the time. Slots'
-    rows of y in bf16 (y_bf16) round before the combine: a family of their own, kept out; so is
-    stream-K (stream_k1), whose K cuts depend on the number of tiles."""
-    return wgmma(cfg) and cfg.split_k == 1 and cfg.split_k1 == 1 and not cfg.y_bf16 and not cfg.stream_k1
+    (the weight first, session 9), which the mma.sync family kept out at 1.6-1.9x the time. Since
+    session 17 every member stores the slots' rows of y in bf16 (y_bf16), as the default mode's
+    prefill entries do: a row rounded once from an invariant fp32 sum is invariant, and the
+    combine adds a token's rows in slot order, so the family keeps its property, and at prefill
+    its entries are the default's kernels. A member with fp32 rows would give other bits, so those
+    are out; so is stream-K (stream_k1), whose K cuts depend on the number of tiles."""
+    return wgmma(cfg) and cfg.split_k == 1 and cfg.split_k1 == 1 and cfg.y_bf16 and not cfg.stream_k1
 
 
 def problem(gpu: str, fmt: str, spec, batch_invariant: bool = False) -> str:
@@ -191,9 +194,10 @@ def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", bat
     at M = 4096 and 8192, 2-3% for qwen3-30b-a3b; no gain for kimi-k2.5 at 4096, whose tuned entry
     has none). batch_invariant: the weight first at decode too (`invariant`; session 10:
     1.02-1.10x the weight second's time for gpt-oss-120b and kimi-k2.5 at M = 1..64, 0.94-0.96x
-    for qwen3-30b-a3b at M = 4..64). The scales are loaded as 32- and 64-bit words everywhere: the same bits,
-    faster or within the spread in every case measured (32-bit: decode in session 5, prefill in
-    session 6; 64-bit: session 8)."""
+    for qwen3-30b-a3b at M = 4..64), and the slots' rows in bf16 (the family's since session 17).
+    The scales are loaded as 32- and 64-bit words everywhere: the same bits, faster or within the
+    spread in every case measured (32-bit: decode in session 5, prefill in session 6; 64-bit:
+    session 8)."""
     from ...kernels.moe import KernelConfig
 
     per_expert = m * top_k / num_experts
@@ -208,7 +212,7 @@ def default_config(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", bat
     else:
         c = KernelConfig(block_m=128, block_n1=64, block_n2=64, swap=True, num_warps=4, num_stages=3, k_unroll=2,
                          tail_m=32)
-    return replace(c, scale_words=True)
+    return replace(c, scale_words=True, y_bf16=batch_invariant)
 
 
 def with_whole_k(cfg, fmt: str, hidden: int, hidden_padded: int):
@@ -241,8 +245,9 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     per expert 32- to 128-row blocks, 4 stages or 4 chunks per iteration, and tail blocks
     (`KernelConfig.tail_m`).
     All load the scales as 32- or 64-bit words (`default_config`). From 2 tokens per expert, each
-    without split-K also stores the slots' rows of y in bf16 (`KernelConfig.y_bf16`), outside the
-    batch-invariant family (`invariant`), whose candidates keep fp32; from 16 tokens per expert
+    without split-K also stores the slots' rows of y in bf16 (`KernelConfig.y_bf16`); below that,
+    those that are then in the batch-invariant family (`invariant`, whose rows are bf16, so its
+    lists hold only such twins); from 16 tokens per expert
     also 256-column tiles (8 warps), with bf16 rows only. padded: (Hp, Ip), the padded hidden and
     intermediate sizes (`padded_sizes`): candidates whose tiles do not divide them are left out."""
     from ...kernels.moe import KernelConfig as C
@@ -298,11 +303,13 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
                 C(128, 128, 128, True, 8, 3, 2, tail_m=64), C(64, 64, 64, True, 4, 3, 2, tail_m=32),
                 C(64, 64, 64, True, 4, 4, 2, tail_m=32), C(64, 128, 128, True, 8, 3, 2, tail_m=32)]
     out = list(dict.fromkeys(replace(c, scale_words=True) for c in out))
+    # each also with the slots' rows of y in bf16 (KernelConfig.y_bf16; session 16, an H200: 0.93-0.99x
+    # the time at M = 64..8192 for the three presets, 1.00x for gpt-oss-120b at 8192): from 2 tokens per
+    # expert all without split-K, below that those that are then batch-invariant (the family's rows are bf16)
+    twins = [replace(c, y_bf16=True) for c in out if c.split_k == 1]
+    out = list(dict.fromkeys(out + [c for c in twins if per_expert >= 2 or invariant(c)]))
     if batch_invariant:
         return [c for c in out if invariant(c)]
-    if per_expert >= 2:   # each also with the slots' rows of y in bf16 (KernelConfig.y_bf16; session 16, an
-        # H200: 0.93-0.99x the time at M = 64..8192 for the three presets, 1.00x for gpt-oss-120b at 8192)
-        out += [replace(c, y_bf16=True) for c in out if c.split_k == 1]
     if per_expert >= 16 and not batch_invariant:
         # 256-column tiles: half the gathered activation rows that 128-column ones read from the L2
         # per weight byte (kimi-k2.5 M = 4096: 11 GB of them at 128 columns in GEMM1); the register
