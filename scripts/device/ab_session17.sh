@@ -2,12 +2,15 @@
 # The GPU measurements that session 17 (no GPU lent) prepared, as two calls of under 10 minutes:
 #   bash scripts/device/ab_session17.sh a   # carry .peers: GPU tests of stream-K, then A/Bs on the machine's Triton
 #   bash scripts/device/ab_session17.sh b   # carry .triton: the table and its variants on the packed Triton 3.9
+#   bash scripts/device/ab_session17.sh c   # no carry: the batch-invariant family with bf16 rows, bitwise and timed
 # a: stream-K GEMM1 (KernelConfig.stream_k1) and split-K GEMM1 on the 8-row M = 1 tiles against the
 #    table (gpt-oss-120b, kimi-k2.5, qwen3-30b-a3b at M = 1 and 4), then 256-column prefill tiles
 #    (kimi-k2.5 at 4096 / 8192, qwen3-30b-a3b at 1024 / 4096).
 # b: the shipped table's entries under Triton 3.9 (keys rewritten to 3.9 in a user table, since the
 #    tables are keyed by Triton's version) with the same variants, to compare with a's 3.6 times
 #    (separate processes, one machine); then the GPU tests of the triton kernels on 3.9.
+# c: the GPU batch-invariance test (4096-token prefixes, three formats) on the bf16-row family, then
+#    qmoe bench of both modes side by side (the mode's cost at decode and prefill).
 # Each step's config_ab.json / config_ab.log is kept as ab_<name>.json / .log in $OUT.
 set -u
 OUT=${OUT:-out}; export OUT
@@ -39,4 +42,10 @@ PY
     ab kimi_prefill_39 kimi-k2.5 4096,8192 "$KIMI" 130
     ab qwen_prefill_39 qwen3-30b-a3b 1024,4096 "$QWEN" 100
     TEST_DIRS=tests/kernels T_TEST=200 bash scripts/device/qualify.sh tests ;;
+  c)
+    [ -f .triton/triton.tar.xz ] && mv .triton /tmp/_triton_off
+    PYTHONPATH=src timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_triton_moe.py \
+      -k "batch_invariance_on_gpu" 2>&1 | tail -4
+    BACKENDS=triton,qmoe.backends.triton:INVARIANT TOKENS=1,4,16,64,1024,4096,8192 T_BENCH=300 \
+      bash scripts/device/qualify.sh bench ;;
 esac
