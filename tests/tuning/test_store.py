@@ -130,18 +130,20 @@ def test_triton_configs_are_checked_against_the_padded_shape_where_loaded(tmp_pa
 
 
 def test_batch_invariant_entries_outside_the_family_are_ignored_with_a_note(tmp_path):
-    """A batch-invariant entry of a user table written before the family changed (an mma.sync
-    configuration, session 9's family) is not run in batch-invariant mode, and the notes say so;
-    its member of the family is kept."""
+    """Batch-invariant entries of a user table written before the family changed (an mma.sync
+    configuration, session 9's family; fp32 rows, the family's until session 17) are not run in
+    batch-invariant mode, and the notes say so; its member of the family is kept."""
     from qmoe.kernels.moe import KernelConfig
 
     spec = qmoe.MoESpec(4, 2, 64, 96)
-    old, new = KernelConfig(16, 64, 64, False), KernelConfig(16, 64, 64, True)
-    path = configs.write_configs("cpu", "mxfp4", spec, {1: old, 64: new}, tmp_path / "t.json", batch_invariant=True)
+    old9, old16 = KernelConfig(16, 64, 64, False, y_bf16=True), KernelConfig(16, 64, 64, True)
+    new = KernelConfig(16, 64, 64, True, y_bf16=True)
+    path = configs.write_configs("cpu", "mxfp4", spec, {1: old9, 16: old16, 64: new}, tmp_path / "t.json",
+                                 batch_invariant=True)
     found, notes = configs.load_configs("cpu", "mxfp4", spec, path, shipped_path=tmp_path / "none.json",
                                         batch_invariant=True)
     assert found == {64: new}
-    assert any("buckets [1] are outside the batch-invariant family" in n for n in notes), notes
+    assert any("buckets [1, 16] are outside the batch-invariant family" in n for n in notes), notes
 
 
 def test_the_kernel_refuses_a_config_that_does_not_fit_where_it_is_passed():
