@@ -504,8 +504,14 @@ def _gemm1_act(acc_g, acc_u, e, rn, gs_ptr, b_ptr, Ip, alpha, beta, limit, FMT: 
 
 
 @triton.jit
+def _stream_start(p, TU, P):
+    """The first of TU work units that program p of P runs: its share is [start(p), start(p + 1))."""
+    return p * TU // P
+
+
+@triton.jit
 def _stream_first(unit, TU, P):
-    """The program whose share [p * TU // P, (p + 1) * TU // P) of TU work units holds `unit`."""
+    """The program whose share [start(p), start(p + 1)) of TU work units holds `unit`."""
     return ((unit + 1).to(tl.int64) * P + TU - 1) // TU - 1
 
 
@@ -517,7 +523,7 @@ def moe_gemm1_kernel(
     sorted_ptr, block_expert_ptr,     # [NB * BM] i32 slot ids (-1 = padding); [NB] i32 expert (-1 = no block)
     ids_ptr, MK, E,                   # [M * k] i32 expert ids (DIRECT: the grouping is done here)
     part_ptr, lock_ptr, part_stride,  # SPLIT > 1: fp32 [SPLIT, NB * BM, 2Ip] partial sums; i32 [NB * n_tiles] zeros
-    H, Ip, Kp, top_k, n_tiles, WE, WR, WP, NSC,   # WE, WR, WP: w13's expert, row and panel strides (bytes)
+    H, Ip, Kp, top_k, NB, n_tiles, WE, WR, WP, NSC,   # WE, WR, WP: w13's expert, row and panel strides (bytes)
     alpha, beta, limit,
     FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
@@ -544,7 +550,7 @@ def moe_gemm1_kernel(
     _pdl_begin(PDL)
     if STREAM:
         _gemm1_stream(x_ptr, stride_xm, w_ptr, s_ptr, gs_ptr, b_ptr, inter_ptr, sorted_ptr, block_expert_ptr, ids_ptr,
-                      MK, E, part_ptr, lock_ptr, H, Ip, Kp, top_k, n_tiles, WE, WR, WP, NSC, alpha, beta, limit,
+                      MK, E, part_ptr, lock_ptr, H, Ip, Kp, top_k, NB, n_tiles, WE, WR, WP, NSC, alpha, beta, limit,
                       FMT, G, HAS_BIAS, HAS_LIMIT, BM, BN, SWAP, CDT, ASM, U, FOLD, DIRECT, MKP, WORDS, PB, WHOLE)
     else:
         pid = tl.program_id(0)
@@ -598,7 +604,7 @@ def moe_gemm1_kernel(
 
 @triton.jit
 def _gemm1_stream(x_ptr, stride_xm, w_ptr, s_ptr, gs_ptr, b_ptr, inter_ptr, sorted_ptr, block_expert_ptr, ids_ptr,
-                  MK, E, part_ptr, lock_ptr, H, Ip, Kp, top_k, n_tiles, WE, WR, WP, NSC, alpha, beta, limit,
+                  MK, E, part_ptr, lock_ptr, H, Ip, Kp, top_k, NB, n_tiles, WE, WR, WP, NSC, alpha, beta, limit,
                   FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, CDT: tl.constexpr, ASM: tl.constexpr,
                   U: tl.constexpr, FOLD: tl.constexpr, DIRECT: tl.constexpr, MKP: tl.constexpr,
@@ -613,7 +619,8 @@ def _gemm1_stream(x_ptr, stride_xm, w_ptr, s_ptr, gs_ptr, b_ptr, inter_ptr, sort
     (2 per program: its first tile's, then its last's) and counts itself in the tile's counter;
     the tile's last contributor adds the slots of all of them in program order (deterministic,
     whoever finishes last), runs the epilogue and sets the counter back to 0. With DIRECT, TU
-    counts the live blocks only (the slots' distinct experts, in blocks of BM); with more programs
+    counts the live blocks only (the slots' distinct experts, in blocks of BM; else all NB of the
+    grouping's); with more programs
     than units, one unit per program and the rest idle."""
     nch = Kp // (2 * G)
     if WHOLE:
@@ -624,14 +631,14 @@ def _gemm1_stream(x_ptr, stride_xm, w_ptr, s_ptr, gs_ptr, b_ptr, inter_ptr, sort
     if DIRECT:
         n_blocks = _direct_blocks(ids_ptr, MK, E, BM, MKP)
     else:
-        n_blocks = MK // BM + tl.minimum(E, MK)   # moe.max_blocks: the grouping's blocks, live or not
+        n_blocks = NB
     TU = n_blocks.to(tl.int64) * n_tiles * NU
     # P: the programs that share the units, at most one per unit, so none of them is empty; the
     # grid's others (pid >= P) run nothing
     P = tl.maximum(tl.minimum(tl.num_programs(0), TU), 1)
     pid = tl.minimum(tl.program_id(0), P)
-    u_lo = pid * TU // P
-    u_hi = tl.minimum(pid + 1, P) * TU // P
+    u_lo = _stream_start(pid, TU, P)
+    u_hi = _stream_start(tl.minimum(pid + 1, P), TU, P)
     t_first = u_lo // NU
     t_last = (u_hi + NU - 1) // NU          # one past the last tile touched
     for tile in tl.range(t_first, t_last, num_stages=1):
@@ -669,7 +676,7 @@ def _gemm1_stream(x_ptr, stride_xm, w_ptr, s_ptr, gs_ptr, b_ptr, inter_ptr, sort
                     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
                     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
                     for q in tl.range(q0, q1 + 1, num_stages=1):
-                        first_q = (q * TU // P) // NU   # q's first tile: its slot 0, any later tile slot 1
+                        first_q = _stream_start(q, TU, P) // NU   # q's first tile: slot 0; any later: slot 1
                         theirs = part_ptr + (2 * q + (tile != first_q).to(tl.int64)) * (BM * 2 * BN) + r2
                         acc_g += tl.load(theirs, cache_modifier=".cg")
                         acc_u += tl.load(theirs + BN, cache_modifier=".cg")

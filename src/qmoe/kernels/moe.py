@@ -473,7 +473,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
             x, x.stride(0), weights.w13, weights.s13,
             weights.gs13 if weights.gs13 is not None else dummy, weights.b13 if has_bias1 else dummy,
             inter, sorted_slots, block_expert, ids, MK, E, part, locks, NB * bm * 2 * Ip,
-            H, Ip, Hp, k, n1, *weights.w13.stride()[:3], weights.s13.stride(1),
+            H, Ip, Hp, k, NB, n1, *weights.w13.stride()[:3], weights.s13.stride(1),
             float(alpha), float(beta), float(limit) if limit is not None else 0.0,
             FMT=fmt, G=G, HAS_BIAS=has_bias1, HAS_LIMIT=limit is not None,
             BM=bm, BN=cfg.block_n1, SWAP=cfg.swap, CDT=cdt, ASM=not interp, U=cfg.k_unroll, FOLD=weights.fold13,

@@ -310,15 +310,14 @@ def candidates(m: int, top_k: int, num_experts: int, fmt: str = "mxfp4", batch_i
     out = list(dict.fromkeys(out + [c for c in twins if per_expert >= 2 or invariant(c)]))
     if batch_invariant:
         return [c for c in out if invariant(c)]
-    if per_expert >= 16 and not batch_invariant:
+    if per_expert >= 16:
         # 256-column tiles: half the gathered activation rows that 128-column ones read from the L2
         # per weight byte (kimi-k2.5 M = 4096: 11 GB of them at 128 columns in GEMM1); the register
         # counts fit without spills (CPU SASS: GEMM1 64 x 256 and GEMM2 128 x 256, int4 and nvfp4,
         # at most 255); not yet measured
-        out += [C(128, 128, 256, True, 8, 3, 2, y_bf16=True), C(128, 128, 256, True, 8, 3, 2, tail_m=64, y_bf16=True),
-                C(64, 256, 256, True, 8, 3, 2, tail_m=32, y_bf16=True),
-                C(128, 64, 256, True, 8, 3, 2, tail_m=32, y_bf16=True)]
-        out = [replace(c, scale_words=True) for c in out]
+        wide = dict(scale_words=True, y_bf16=True)
+        out += [C(128, 128, 256, True, 8, 3, 2, **wide), C(128, 128, 256, True, 8, 3, 2, tail_m=64, **wide),
+                C(64, 256, 256, True, 8, 3, 2, tail_m=32, **wide), C(128, 64, 256, True, 8, 3, 2, tail_m=32, **wide)]
     if padded is not None:
         out = [c for c in out if c.problem_with(fmt, *padded) is None]
     return out
